@@ -1,0 +1,13 @@
+"""xllm operator kernels: pure functions on tensors, each tested against ``reference``.
+
+Installed as ``xllm_ops`` (PyPI already has an unrelated top-level ``ops``).
+"""
+
+from .paged_attention import (
+    paged_decode_attention,
+    paged_prefill_attention,
+    prefill_attention,
+    write_kv,
+)
+
+__all__ = ["paged_decode_attention", "paged_prefill_attention", "prefill_attention", "write_kv"]

@@ -1,0 +1,82 @@
+"""Attention over a paged KV cache.
+
+Layout: ``k_cache`` and ``v_cache`` are ``(num_blocks, block_size, num_kv_heads, head_dim)``;
+token ``t`` of a request lives in block ``block_table[t // block_size]`` at offset
+``t % block_size``. Grouped-query attention is computed without repeating K/V: the
+``num_heads // num_kv_heads`` query heads that share a KV head are laid out as extra
+query rows of that KV head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values ``(T, kvh, d)`` at flat slots ``(T,)`` of the caches."""
+    kvh, d = k_cache.shape[-2:]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, M) block ids -> (B, kvh, length, d) contiguous context of each row."""
+    b = block_table.shape[0]
+    _, bs, kvh, d = cache.shape
+    ctx = cache[block_table].view(b, -1, kvh, d)[:, :length]  # (B, L, kvh, d)
+    return ctx.transpose(1, 2)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           scale: float, max_seq_len: int | None = None) -> torch.Tensor:
+    """One query token per sequence.
+
+    q: (B, h, d); block_tables: (B, M) int64; seq_lens: (B,) tokens in the cache per row,
+    the new token included. Returns (B, h, d).
+    """
+    b, h, d = q.shape
+    kvh = k_cache.shape[2]
+    g = h // kvh
+    length = int(seq_lens.max()) if max_seq_len is None else max_seq_len
+    k = _gather(k_cache, block_tables, length)  # (B, kvh, L, d)
+    v = _gather(v_cache, block_tables, length)
+    mask = torch.arange(length).view(1, 1, 1, length) < seq_lens.view(b, 1, 1, 1)  # (B, 1, 1, L)
+    qg = q.view(b, kvh, g, d).to(k.dtype)  # query heads grouped under their KV head
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # (B, kvh, g, d)
+    return out.reshape(b, h, d).to(q.dtype)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention of one sequence with no earlier context.
+
+    q: (T, h, d); k, v: (T, kvh, d). Returns (T, h, d).
+    """
+    h, kvh = q.shape[1], k.shape[1]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        is_causal=True, scale=scale, enable_gqa=h != kvh)  # (h, T, d)
+    return out.transpose(0, 1)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_table: torch.Tensor, num_context: int, scale: float) -> torch.Tensor:
+    """A chunk of ``T`` query tokens of one sequence after ``num_context`` cached tokens.
+
+    The chunk's own K/V must already be written to the cache. q: (T, h, d);
+    block_table: (M,). Query ``t`` sees cache positions ``0 .. num_context + t``.
+    Returns (T, h, d).
+    """
+    t, h, d = q.shape
+    kvh = k_cache.shape[2]
+    g = h // kvh
+    length = num_context + t
+    k = _gather(k_cache, block_table.view(1, -1), length)[0]  # (kvh, L, d)
+    v = _gather(v_cache, block_table.view(1, -1), length)[0]
+    pos = torch.arange(length)
+    mask = pos.view(1, length) <= (num_context + torch.arange(t)).view(t, 1)  # (T, L)
+    qg = q.view(t, kvh, g, d).permute(1, 2, 0, 3).reshape(kvh, g * t, d).to(k.dtype)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(g, 1), scale=scale)
+    return out.view(kvh, g, t, d).permute(2, 0, 1, 3).reshape(t, h, d).to(q.dtype)

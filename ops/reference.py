@@ -1,0 +1,34 @@
+"""Plain-torch references for the kernels: one sequence, one head at a time, no tricks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def attention_one_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           num_context: int, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of ``T`` queries over ``num_context + T`` keys.
+
+    q: (T, h, d); k, v: (num_context + T, kvh, d). Returns (T, h, d) in float32.
+    """
+    t, h, d = q.shape
+    kvh = k.shape[1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    out = torch.empty(t, h, d, dtype=torch.float32)
+    for head in range(h):
+        kv = head // (h // kvh)
+        for i in range(t):
+            keys = k[: num_context + i + 1, kv].float()  # (L, d)
+            vals = v[: num_context + i + 1, kv].float()
+            w = torch.softmax(keys @ q[i, head].float() * scale, dim=0)
+            out[i, head] = w @ vals
+    return out
+
+
+def gather_sequence(cache: torch.Tensor, block_table: list[int], length: int) -> torch.Tensor:
+    """The first ``length`` tokens of one sequence from a paged cache: (length, kvh, d)."""
+    bs = cache.shape[1]
+    rows = [cache[block_table[p // bs], p % bs] for p in range(length)]
+    return torch.stack(rows)

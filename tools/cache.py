@@ -1,0 +1,50 @@
+"""A per-user cache of made models, safe against several processes making one at once."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from .make_model import MAKER_VERSION, STAMP_FILE, make_model
+from .presets import get_preset
+
+
+def cache_root() -> Path:
+    """`$XLLM_MODEL_CACHE` if set, else `~/.cache/xllm/models`."""
+    return Path(os.environ.get("XLLM_MODEL_CACHE") or Path.home() / ".cache" / "xllm" / "models")
+
+
+def ensure_model(preset: str, root: str | os.PathLike | None = None) -> Path:
+    """Return `root/<preset>-v<MAKER_VERSION>` (seed 0, the preset's dtype), making it if missing.
+
+    An exclusive `flock` on `root/.<name>.lock` serialises makers, so concurrent callers
+    build once and the others wait and reuse it. A directory counts as made when it holds
+    the stamp file, which `make_model` writes before its final rename.
+    """
+    get_preset(preset)  # fail fast on an unknown name, before taking the lock
+    base = Path(root) if root is not None else cache_root()
+    name = f"{preset}-v{MAKER_VERSION}"
+    target = base / name
+    if (target / STAMP_FILE).is_file():
+        return target
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (target / STAMP_FILE).is_file():
+                # Left by a maker that was killed: nobody else can be writing under the lock.
+                for stale in base.glob(f".{name}.tmp-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                if target.exists():
+                    shutil.rmtree(target)
+                make_model(preset, target)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def default_model_dir() -> Path:
+    """The benchmark model: `ensure_model("llama-110m")` in the default cache."""
+    return ensure_model("llama-110m")

@@ -1,0 +1,111 @@
+"""The actor base: one process, one uvloop event loop, typed sockets, ready and stop.
+
+An actor's life: ``setup()`` opens its sockets and loads what it needs, the base then
+tells the launcher it is ready, and ``run()`` serves until SIGTERM/SIGINT or until
+``run()`` returns. An exception that escapes ``run()`` is reported to the launcher as
+``ActorFailed`` (named), and the process exits non-zero so the launcher tears the
+deployment down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ..protocol import ActorFailed, ActorReady
+from .channel import Channel
+
+log = logging.getLogger(__name__)
+
+
+class Actor:
+    """Base class of the frontend, scheduler and worker processes."""
+
+    def __init__(self, name: str, launcher_address: str | None) -> None:
+        self.name = name
+        self.launcher_address = launcher_address
+        self.ctx = zmq.asyncio.Context()
+        self.channels: list[Channel] = []
+        self._stopping: asyncio.Event | None = None  # created inside the loop
+
+    # -- to override --------------------------------------------------------------------
+    async def setup(self) -> dict[str, Any]:
+        """Open sockets and load state. Returns info for the ready message."""
+        return {}
+
+    async def run(self) -> None:
+        """Serve until stopped."""
+        raise NotImplementedError
+
+    # -- helpers ------------------------------------------------------------------------
+    def channel(self, kind: int, address: str, *, bind: bool, union: Any = None) -> Channel:
+        ch = Channel(self.ctx, kind, address, bind=bind, union=union)
+        self.channels.append(ch)
+        return ch
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        return self._stopping
+
+    async def _notify(self, msg: Any) -> None:
+        if self.launcher_address is None:
+            return
+        ch = Channel(self.ctx, zmq.PUSH, self.launcher_address, bind=False)
+        try:
+            await asyncio.wait_for(ch.send(msg), timeout=5)
+        finally:
+            await asyncio.sleep(0.05)  # let the frame leave before the socket closes
+            ch.close()
+
+    async def _main(self) -> int:
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            info = await self.setup()
+            await self._notify(ActorReady(name=self.name, pid=os.getpid(), info=info))
+            run = asyncio.ensure_future(self.run())
+            stop = asyncio.ensure_future(self._stopping.wait())
+            done, _ = await asyncio.wait({run, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if run in done:
+                run.result()  # re-raise a failure
+            else:
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+            return 0
+        except Exception as exc:  # noqa: BLE001 - reported by name, then the process ends
+            log.error("%s failed:\n%s", self.name, traceback.format_exc())
+            try:
+                await self._notify(ActorFailed(name=self.name, message=f"{type(exc).__name__}: {exc}"))
+            except Exception:  # noqa: BLE001
+                pass
+            return 1
+        finally:
+            for ch in self.channels:
+                ch.close()
+            self.ctx.term()
+
+    def serve(self) -> int:
+        """Run the actor to completion in this process; returns the exit code."""
+        import uvloop
+
+        return uvloop.run(self._main())
+
+
+def configure_logging(name: str) -> None:
+    """Log lines carry the actor's name so a deployment's stderr reads as one story."""
+    level = os.environ.get("XLLM_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s",
+    )

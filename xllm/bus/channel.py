@@ -1,0 +1,71 @@
+"""Typed ZeroMQ sockets: one schema per socket, frames in and out through the codec."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from .codec import DecodeError, Decoder, Encoder
+
+log = logging.getLogger(__name__)
+
+
+class Channel:
+    """One ZeroMQ socket that sends structs and decodes incoming ones against ``union``.
+
+    For a ROUTER socket every received message comes with the peer identity
+    (``recv_from``) and sends name the peer (``send_to``).
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        kind: int,
+        address: str,
+        *,
+        bind: bool,
+        union: Any = None,
+    ) -> None:
+        self.address = address
+        self.sock = ctx.socket(kind)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if kind in (zmq.PUSH, zmq.DEALER, zmq.ROUTER, zmq.PUB):
+            self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop: back-pressure is explicit
+        if kind in (zmq.PULL, zmq.DEALER, zmq.ROUTER, zmq.SUB):
+            self.sock.setsockopt(zmq.RCVHWM, 0)
+        if kind == zmq.ROUTER:
+            self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a gone client drops silently
+        (self.sock.bind if bind else self.sock.connect)(address)
+        self._enc = Encoder()
+        self._dec = Decoder(union) if union is not None else None
+
+    async def send(self, msg: msgspec.Struct) -> None:
+        await self.sock.send_multipart(self._enc.encode(msg), copy=False)
+
+    async def send_to(self, identity: bytes, msg: msgspec.Struct) -> None:
+        await self.sock.send_multipart([identity, *self._enc.encode(msg)], copy=False)
+
+    async def recv(self) -> Any:
+        """The next message; raises ``DecodeError`` for one that does not fit the schema."""
+        frames = await self.sock.recv_multipart(copy=False)
+        return self._dec.decode(frames)
+
+    async def recv_from(self) -> tuple[bytes, Any]:
+        """(identity, message) from a ROUTER socket; the message may be a ``DecodeError``."""
+        frames = await self.sock.recv_multipart(copy=False)
+        identity = frames[0].bytes
+        try:
+            return identity, self._dec.decode(frames[1:])
+        except DecodeError as exc:
+            return identity, exc
+
+    def poll_now(self) -> bool:
+        """True when a message is waiting (non-blocking)."""
+        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

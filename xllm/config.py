@@ -1,0 +1,138 @@
+"""Configuration: small frozen dataclasses, one per concern, validated when built.
+
+Each actor takes only the pieces it needs. The launcher is the one place that parses
+the command line (``xllm.launch``) and resolves derived values (dtype, context length,
+KV block count) before any actor starts, so every actor sees the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+POLICIES = ("fcfs", "priority", "prefill_first", "decode_first")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to serve and how."""
+
+    path: str  # a Hugging Face model directory
+    dtype: str = "float32"  # "float32" or "bfloat16" (resolved from "auto" by the launcher)
+    max_model_len: int = 2048  # prompt + output tokens per request
+    served_name: str = ""  # the name clients use; the directory's name by default
+    seed: int = 0  # seeds the sampler of requests that bring no seed
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int = 1024  # blocks in the pool (resolved by the launcher)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be at least 2, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How the scheduler fills each step."""
+
+    max_num_seqs: int = 64  # requests per step at most
+    max_num_batched_tokens: int = 2048  # tokens per step at most (the chunked-prefill budget)
+    policy: str = "fcfs"
+    async_scheduling: bool = True  # plan step N+1 while the workers run step N
+    max_queued_requests: int = 10_000  # more waiting requests than this are refused
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How many worker processes (ranks) one instance uses."""
+
+    tp_size: int = 1
+    threads_per_worker: int = 0  # torch threads per worker; 0 = cores / tp_size
+
+    def __post_init__(self) -> None:
+        if self.tp_size < 1:
+            raise ValueError("tp_size must be at least 1")
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """Where every socket of one deployment lives. ``ipc://`` here; ``tcp://`` works too."""
+
+    frontend: str  # clients (SDK) connect here
+    run_dir: str  # holds the ipc sockets of the internal channels
+
+    def _ipc(self, name: str) -> str:
+        return f"ipc://{self.run_dir}/{name}"
+
+    @property
+    def launcher(self) -> str:
+        return self._ipc("launcher")
+
+    @property
+    def scheduler_in(self) -> str:
+        return self._ipc("scheduler-in")
+
+    @property
+    def frontend_in(self) -> str:
+        return self._ipc("frontend-in")
+
+    def plan(self, rank: int) -> str:
+        return self._ipc(f"plan-{rank}")
+
+    @property
+    def results(self) -> str:
+        return self._ipc("results")
+
+    def dist_init_file(self) -> str:
+        return f"file://{self.run_dir}/dist-init"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one deployment runs with; each actor takes the parts it needs."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    addresses: Addresses = field(default_factory=lambda: Addresses("", ""))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineConfig":
+        return msgspec.json.decode(text, type=cls)
+
+
+def read_hf_config(model_dir: str | os.PathLike) -> dict:
+    """The checkpoint's ``config.json`` as a dict."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory: no config.json")
+    return json.loads(path.read_text())

@@ -1,0 +1,162 @@
+"""``xllm-launch``: start a deployment, serve until told to stop, stop it cleanly.
+
+This is the one place the command line is parsed; everything derived from the
+checkpoint (dtype, context length, KV block count) is resolved here so every actor
+starts from the same ``EngineConfig``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import (POLICIES, Addresses, CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
+                     SchedulerConfig, read_hf_config)
+from .models.spec import DecoderSpec
+
+log = logging.getLogger("xllm.launch")
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+DEFAULT_ADDRESS = "tcp://127.0.0.1:7100"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xllm-launch",
+        description="Start an xllm deployment (frontend, scheduler and worker processes) and "
+                    "serve it until SIGINT/SIGTERM or until an actor dies.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", required=True,
+                   help="Hugging Face model directory, or preset:NAME for a model made by the "
+                        "model maker on first use (e.g. preset:tiny-llama, preset:llama-110m)")
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weight and activation dtype; auto takes the checkpoint's (float16 runs as bfloat16)")
+    m.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + output tokens per request (default: the model's maximum)")
+    m.add_argument("--served-model-name", default=None,
+                   help="the name clients use (default: the model directory's name)")
+    m.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
+    c = p.add_argument_group("KV cache")
+    c.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    c.add_argument("--kv-cache-memory", type=float, default=2.0,
+                   help="GiB of KV cache per worker (ignored with --num-kv-blocks)")
+    c.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks in the pool")
+    c.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    s = p.add_argument_group("scheduler")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="requests per step at most")
+    s.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per step at most (long prompts are split into chunks of this)")
+    s.add_argument("--policy", default="fcfs", choices=POLICIES, help="scheduling policy")
+    s.add_argument("--no-async-scheduling", action="store_true",
+                   help="plan each step only after the previous one finished")
+    s.add_argument("--max-queued-requests", type=int, default=10_000,
+                   help="waiting requests beyond this are refused")
+    d = p.add_argument_group("deployment")
+    d.add_argument("--address", default=DEFAULT_ADDRESS,
+                   help="where SDK clients connect (tcp://HOST:PORT or ipc://PATH)")
+    d.add_argument("--tp", type=int, default=1, help="tensor-parallel worker processes")
+    d.add_argument("--threads-per-worker", type=int, default=0,
+                   help="torch threads per worker (0: CPU cores / tp)")
+    d.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for ready")
+    d.add_argument("--ready-file", default=None,
+                   help="write a JSON file with the address and actor pids once ready")
+    return p
+
+
+def resolve_model_path(model: str) -> str:
+    if model.startswith("preset:"):
+        from xllm_tools import ensure_model
+
+        return str(ensure_model(model.removeprefix("preset:")))
+    return model
+
+
+def resolve_config(args: argparse.Namespace, run_dir: str) -> EngineConfig:
+    """Turn the command line and the checkpoint into one validated ``EngineConfig``."""
+    path = resolve_model_path(args.model)
+    hf = read_hf_config(path)
+    spec = DecoderSpec.from_hf(hf)
+    dtype = args.dtype
+    if dtype == "auto":
+        saved = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+        dtype = "float32" if saved == "float32" else "bfloat16"
+    max_len = min(args.max_model_len or spec.max_position, spec.max_position)
+    bs = args.block_size
+    block_bytes = 2 * spec.num_layers * bs * spec.num_kv_heads * spec.head_dim * DTYPE_BYTES[dtype]
+    blocks = args.num_kv_blocks
+    if blocks is None:
+        useful = args.max_num_seqs * -(-max_len // bs)  # more than this can never be used
+        blocks = min(int(args.kv_cache_memory * 2**30 // block_bytes), useful)
+    return EngineConfig(
+        model=ModelConfig(path=path, dtype=dtype, max_model_len=max_len,
+                          served_name=args.served_model_name or Path(path).resolve().name, seed=args.seed),
+        cache=CacheConfig(block_size=bs, num_blocks=blocks, enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens,
+                                  policy=args.policy, async_scheduling=not args.no_async_scheduling,
+                                  max_queued_requests=args.max_queued_requests),
+        parallel=ParallelConfig(tp_size=args.tp, threads_per_worker=args.threads_per_worker),
+        addresses=Addresses(frontend=args.address, run_dir=run_dir),
+    )
+
+
+async def serve(cfg: EngineConfig, config_file: Path, args: argparse.Namespace) -> int:
+    from .supervisor import DeploymentFailed, Supervisor
+
+    sup = Supervisor(cfg, config_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        starting = asyncio.ensure_future(sup.start(args.startup_timeout))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            log.info("stopped while starting")
+            return 0
+        starting.result()
+        if args.ready_file:
+            Path(args.ready_file).write_text(json.dumps({"address": cfg.addresses.frontend, "pids": sup.pids()}))
+        print(f"xllm: ready; model {cfg.model.served_name} ({cfg.model.dtype}), "
+              f"{cfg.cache.num_blocks} KV blocks; SDK address {cfg.addresses.frontend}", flush=True)
+        await sup.watch(stop)
+        log.info("shutting down")
+        return 0
+    except DeploymentFailed as exc:
+        print(f"xllm-launch: {exc}; shutting the deployment down", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        sup.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [launcher] %(message)s")
+    run_dir = tempfile.mkdtemp(prefix="xllm-")
+    try:
+        try:
+            cfg = resolve_config(args, run_dir)
+        except (FileNotFoundError, ValueError, NotImplementedError, KeyError) as exc:
+            print(f"xllm-launch: {exc}", file=sys.stderr)
+            return 2
+        config_file = Path(run_dir) / "config.json"
+        config_file.write_text(cfg.to_json())
+        import uvloop
+
+        return uvloop.run(serve(cfg, config_file, args))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

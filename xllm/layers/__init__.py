@@ -1,0 +1,1 @@
+"""Shared building blocks the model files compose."""

@@ -1,0 +1,135 @@
+"""The Llama decoder (also the shape of Qwen2 and Qwen3, see their files).
+
+Checkpoint names are the Hugging Face ones; q/k/v and gate/up are fused into single
+matmuls at load time (``load_weights``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..layers.activation import silu_and_mul
+from ..layers.attention import Attention, AttentionMetadata
+from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ..layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ..layers.norm import RMSNorm
+from ..layers.parallel import SINGLE, TPGroup
+from ..layers.rotary import RotaryEmbedding
+from .spec import DecoderSpec
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, s: DecoderSpec, rotary: RotaryEmbedding, tp: TPGroup, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads = s.num_heads // tp.size
+        self.num_kv_heads = max(1, s.num_kv_heads // tp.size)
+        self.head_dim = s.head_dim
+        self.qkv_proj = QKVParallelLinear(s.hidden_size, s.head_dim, s.num_heads, s.num_kv_heads,
+                                          s.qkv_bias, tp, dtype)
+        self.o_proj = RowParallelLinear(s.num_heads * s.head_dim, s.hidden_size, s.o_bias, tp, dtype)
+        self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps, dtype) if s.qk_norm else None
+        self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps, dtype) if s.qk_norm else None
+        self.rotary = rotary
+        self.attn = Attention(self.num_heads, self.num_kv_heads, s.head_dim, s.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)  # (T, h, d)
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # (T, kvh, d)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, meta)  # (T, h, d)
+        return self.o_proj(out.reshape(t, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, s: DecoderSpec, tp: TPGroup, dtype: torch.dtype) -> None:
+        super().__init__()
+        n = s.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(s.hidden_size, [n, n], s.mlp_bias, tp, dtype)
+        self.down_proj = RowParallelLinear(n, s.hidden_size, s.mlp_bias, tp, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, s: DecoderSpec, rotary: RotaryEmbedding, tp: TPGroup, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(s, rotary, tp, dtype)
+        self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(s, tp, dtype)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids and positions of a flattened batch in; hidden states out."""
+
+    # checkpoint name part -> (our module attribute, part index)
+    fused = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, spec: DecoderSpec, tp: TPGroup = SINGLE, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp, dtype)
+        rotary = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, rotary, tp, dtype) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp, dtype)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: (T,) -> hidden states (T, hidden)."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab) float32."""
+        return self.lm_head.logits(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors in; raises if one is unknown or one is missing."""
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.spec.tie_word_embeddings:
+                continue
+            name = name.removeprefix("model.")
+            path, _, kind = name.rpartition(".")
+            mod_path, _, leaf = path.rpartition(".")
+            part = 0
+            if leaf in self.fused:
+                leaf, part = self.fused[leaf]
+            target = f"{mod_path}.{leaf}" if mod_path else leaf
+            module = modules.get(target)
+            if module is None or not hasattr(module, "load"):
+                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            module.load(part, tensor, is_bias=kind == "bias")
+            loaded.add(f"{target}.{kind}")
+        expected = {n for n, _ in self.named_parameters()}
+        if self.spec.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+        missing = expected - loaded
+        if missing:
+            raise KeyError(f"checkpoint is missing {sorted(missing)[:5]} ({len(missing)} tensors)")

@@ -1,0 +1,335 @@
+"""Every message that crosses a process boundary in xllm.
+
+NOTE: this module is the one wire schema of the project. No other module defines a
+type that is sent over a socket. Messages are ``msgspec.Struct``s grouped per socket
+into tagged unions; each socket has one typed decoder (see ``xllm.bus.codec``) and an
+unknown or malformed message fails to decode instead of being guessed at.
+
+Arrays (logprobs, later KV blocks and image features) travel as extra ZeroMQ frames:
+a field typed ``numpy.ndarray`` is written as ``[dtype, shape, frame_index]`` in the
+struct and its bytes as its own frame, sent and received without a copy.
+
+The module imports nothing from the engine so that every actor and the SDK can use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+import numpy as np
+
+# --------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """How to pick tokens for one request.
+
+    ``None`` means "the model's default" (its ``generation_config.json``, else neutral).
+    The frontend validates the request and resolves every ``None`` (``resolve``) before
+    the request reaches the scheduler, so schedulers and workers see concrete values.
+    """
+
+    max_tokens: int | None = None  # new tokens at most; None: up to the context length
+    temperature: float | None = None  # 0 means greedy
+    top_p: float | None = None  # nucleus mass kept, in (0, 1]
+    top_k: int | None = None  # keep the k most likely tokens; 0 means all
+    min_p: float | None = None  # drop tokens below min_p * p(top token)
+    seed: int | None = None  # per-request generator: same seed, same output
+    stop: list[str] = []  # stop strings, matched on the detokenized text by the frontend
+    stop_token_ids: list[int] = []  # extra token ids that end the request
+    ignore_eos: bool = False  # keep generating past the model's end-of-sequence ids
+    min_tokens: int = 0  # EOS and stop ids are not honoured before this many tokens
+    include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0  # subtracted from logits of tokens already in the output
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit
+    logprobs: int | None = None  # None: none; k: the sampled token's and the top-k logprobs
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that is out of range."""
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature is not None and not (0.0 <= self.temperature <= 100.0):
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.min_p is not None and not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise ValueError("min_tokens must be between 0 and max_tokens")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ValueError("seed must be in [0, 2**63)")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be non-negative")
+        if not (-2.0 <= self.presence_penalty <= 2.0):
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not (-2.0 <= self.frequency_penalty <= 2.0):
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if not (0.0 < self.repetition_penalty <= 10.0):
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if any(not (-100.0 <= b <= 100.0) for b in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        if self.logprobs is not None and not (0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+
+    def resolve(self, defaults: dict[str, Any], max_tokens: int) -> "SamplingParams":
+        """A copy with every ``None`` replaced: ``defaults`` first, then neutral values.
+        ``max_tokens`` caps the output at what the context leaves."""
+
+        def pick(name: str, neutral: Any) -> Any:
+            value = getattr(self, name)
+            if value is None:
+                value = defaults.get(name)
+            return neutral if value is None else value
+
+        return msgspec.structs.replace(
+            self,
+            max_tokens=min(self.max_tokens or max_tokens, max_tokens),
+            temperature=float(pick("temperature", 1.0)),
+            top_p=float(pick("top_p", 1.0)),
+            top_k=int(pick("top_k", 0)),
+            min_p=float(pick("min_p", 0.0)),
+        )
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    """One turn of a chat conversation, rendered by the model's chat template."""
+
+    role: str
+    content: str
+
+
+# --------------------------------------------------------------------------------------
+# Control calls: one generic request/reply for health, stats, shutdown and the like
+# --------------------------------------------------------------------------------------
+
+
+class ControlCall(msgspec.Struct, tag="control_call"):
+    """Ask an actor to run ``method`` with ``args``; answered by a ``ControlReply``."""
+
+    call_id: int  # chosen by the caller, echoed in the reply
+    method: str  # e.g. "health", "stats", "shutdown"
+    args: dict[str, Any] = {}
+
+
+class ControlReply(msgspec.Struct, tag="control_reply"):
+    """The answer to a ``ControlCall``: ``result`` when ``ok``, else ``error``."""
+
+    call_id: int
+    ok: bool
+    result: Any = None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Client (SDK) <-> frontend: DEALER -> ROUTER
+# --------------------------------------------------------------------------------------
+
+
+class GenerateRequest(msgspec.Struct, tag="generate", forbid_unknown_fields=True):
+    """A client's request. Exactly one of ``prompt``, ``prompt_token_ids``, ``messages``."""
+
+    req_id: str  # chosen by the client, unique per client connection
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    stream: bool = True  # False: one reply when the request finishes
+    priority: int = 0  # lower runs first under the `priority` policy
+    offline: bool = False  # offline requests only use spare capacity
+    add_special_tokens: bool = True  # BOS etc. for raw text prompts
+
+
+class AbortRequest(msgspec.Struct, tag="abort"):
+    """Stop a request now and free its KV memory. Unknown ids are ignored."""
+
+    req_id: str
+
+
+ClientMessage = Union[GenerateRequest, AbortRequest, ControlCall]
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    """One output token's log-probability and the most likely alternatives at its place."""
+
+    token_id: int
+    token: str  # the token's text on its own
+    logprob: float
+    top: list[tuple[int, str, float]] = []  # (token id, text, logprob), most likely first
+
+
+class RequestDelta(msgspec.Struct, omit_defaults=True):
+    """What one request gained in one engine step (or all of it, when not streaming)."""
+
+    req_id: str
+    text: str = ""  # new detokenized text (stop strings held back until resolved)
+    token_ids: list[int] = []  # new token ids
+    finish_reason: str | None = None  # "stop", "length", "abort" when finished
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # output tokens so far, this delta included
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when asked for
+    queue_time: float = 0.0  # seconds from arrival to the first step that ran it
+
+
+class RequestOutputs(msgspec.Struct, tag="outputs"):
+    """Everything one client's requests gained in one engine step: one message, many deltas."""
+
+    deltas: list[RequestDelta]
+
+
+class ErrorReply(msgspec.Struct, tag="error"):
+    """A request or message that was refused. The connection and the engine keep going."""
+
+    code: str  # "bad_request", "not_found", "overloaded", "internal"
+    message: str
+    req_id: str | None = None
+
+
+ClientReply = Union[RequestOutputs, ErrorReply, ControlReply]
+
+
+# --------------------------------------------------------------------------------------
+# Frontend <-> scheduler: PUSH -> PULL both ways
+# --------------------------------------------------------------------------------------
+
+
+class TokenizedRequest(msgspec.Struct, tag="tokenized"):
+    """A request ready to schedule: token ids and the resolved end conditions."""
+
+    req_id: str  # frontend-unique id
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    eos_token_ids: list[int]  # the model's EOS ids (empty when ignore_eos)
+    arrival_time: float  # time.time() at the frontend
+    priority: int = 0
+    offline: bool = False
+
+
+SchedulerInput = Union[TokenizedRequest, AbortRequest, ControlCall]
+
+
+class TokenBatch(msgspec.Struct, tag="tokens"):
+    """What one engine step produced, columnar: one message per step, never per token.
+
+    ``req_ids[i]`` gained ``new_token_ids[i]``; ``finish_reasons[i]`` is set when that
+    request ended in this step ("stop", "length", "abort") and None otherwise.
+    """
+
+    step_id: int
+    req_ids: list[str]
+    new_token_ids: list[list[int]]
+    finish_reasons: list[str | None]
+    num_cached_tokens: list[int]  # prompt tokens that came from the prefix cache
+    queue_times: list[float]  # seconds from arrival to first scheduled
+    logprobs: list[list[tuple[int, float, list[int], list[float]]] | None] = []
+    # per request, when asked for: per new token (id, logprob, top ids, top logprobs)
+
+
+class RequestRejected(msgspec.Struct, tag="rejected"):
+    """The scheduler refused a request (e.g. longer than the model's context)."""
+
+    req_id: str
+    message: str
+
+
+FrontendInput = Union[TokenBatch, RequestRejected, ControlReply]
+
+
+# --------------------------------------------------------------------------------------
+# Scheduler <-> workers: the step contract
+# --------------------------------------------------------------------------------------
+
+
+class NewRequestData(msgspec.Struct, array_like=True):
+    """Everything a worker needs about a request it has not seen (or lost to preemption)."""
+
+    req_id: str
+    token_ids: list[int]  # prompt plus every output token the scheduler already knows
+    block_ids: list[int]  # the request's KV blocks, in order
+    sampling: SamplingParams
+
+
+class StepPlan(msgspec.Struct, tag="plan"):
+    """One engine step, sent to every worker rank. The worker never changes it.
+
+    The batch is ``scheduled_req_ids`` in order; request i computes the tokens at
+    positions ``num_computed[i] .. num_computed[i] + num_scheduled[i] - 1``. A request
+    samples a token when that range reaches the end of the tokens it knows. For a running
+    request the token at the last position may be a placeholder for the token the previous
+    step samples: the worker fills it from its own output (async scheduling).
+    """
+
+    step_id: int
+    new_requests: list[NewRequestData]  # requests this worker has no state for
+    new_block_ids: dict[str, list[int]]  # blocks appended to running requests
+    scheduled_req_ids: list[str]
+    num_scheduled: list[int]  # tokens to compute per scheduled request
+    num_computed: list[int]  # tokens already in the KV cache per scheduled request
+    finished_req_ids: list[str]  # drop the worker's state for these (done/aborted/preempted)
+
+
+class StepResult(msgspec.Struct, tag="result"):
+    """What rank 0 sampled in one step: one token per request that reached its end."""
+
+    step_id: int
+    req_ids: list[str]
+    token_ids: list[int]
+    forward_s: float  # time spent in the model forward and sampling
+    # Only when some request asked for logprobs; rows follow ``logprob_req_ids``.
+    logprob_req_ids: list[str] = []
+    logprobs: np.ndarray | None = None  # (R,) float32, the sampled tokens' logprobs
+    top_ids: np.ndarray | None = None  # (R, K) int32, K = the largest k asked for
+    top_logprobs: np.ndarray | None = None  # (R, K) float32
+
+
+class WorkerError(msgspec.Struct, tag="worker_error"):
+    """A step failed on a worker. The scheduler reports it; the launcher stops everyone."""
+
+    step_id: int
+    message: str
+
+
+WorkerInput = Union[StepPlan, ControlCall]
+WorkerOutput = Union[StepResult, WorkerError, ControlReply]
+
+
+# --------------------------------------------------------------------------------------
+# Actors -> launcher
+# --------------------------------------------------------------------------------------
+
+
+class ActorReady(msgspec.Struct, tag="ready"):
+    """An actor finished starting and serves its sockets."""
+
+    name: str
+    pid: int
+    info: dict[str, Any] = {}  # e.g. the worker's KV block count
+
+
+class ActorFailed(msgspec.Struct, tag="failed"):
+    """An actor hit an error it cannot recover from; the launcher stops the deployment."""
+
+    name: str
+    message: str
+
+
+LauncherInput = Union[ActorReady, ActorFailed]
+
+ALL_UNIONS = {
+    "client": ClientMessage,
+    "client_reply": ClientReply,
+    "scheduler": SchedulerInput,
+    "frontend": FrontendInput,
+    "worker": WorkerInput,
+    "worker_output": WorkerOutput,
+    "launcher": LauncherInput,
+}

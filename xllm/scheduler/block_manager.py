@@ -1,0 +1,191 @@
+"""Paged KV block manager with prefix caching.
+
+Blocks are fixed-size pages of KV memory owned by the worker; the scheduler only
+counts them. Each block has a reference count. A full block whose tokens all have
+their KV computed gets a chained hash (parent hash, its token ids, extra keys) and is
+entered in the prefix cache; a later request whose prompt starts with the same tokens
+reuses it instead of recomputing. Blocks nobody references sit in an LRU free queue:
+uncached ones and cached ones alike, and taking a cached one evicts it from the cache.
+
+NOTE (invariant, ``check_integrity``): free + cached + in use == total, where "in use"
+blocks have references, "cached" blocks have none but a hash, "free" blocks neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+ROOT_HASH = 0
+
+
+def hash_block(parent: int, token_ids: Sequence[int], extra: bytes = b"") -> int:
+    """Chained 64-bit hash of one full block; stable across processes and machines."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(parent.to_bytes(8, "little"))
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    h.update(extra)
+    return int.from_bytes(h.digest(), "little")
+
+
+class BlockOwner(Protocol):
+    """What the block manager needs of a request."""
+
+    block_ids: list[int]
+    block_hashes: list[int]  # hashes of its leading full blocks of known tokens
+
+    def known_token_ids(self) -> Sequence[int]: ...
+
+
+@dataclass
+class KVEvents:
+    """Changes to the prefix cache since the last drain, for a global prefix index."""
+
+    stored: list[int] = field(default_factory=list)  # block hashes entered in the cache
+    removed: list[int] = field(default_factory=list)  # block hashes evicted
+    cleared: bool = False  # the whole cache was reset
+
+
+class BlockManager:
+    """Counts KV blocks for the scheduler. Verbs: match, allocate, cache, free, reset."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.events = KVEvents()
+        self.num_queries = 0  # prompt tokens looked up in the prefix cache
+        self.num_hits = 0  # of which found
+
+    # -- counts ----------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now (evicting cached ones if needed)."""
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by requests."""
+        return 1.0 - len(self.free_queue) / self.num_blocks
+
+    def blocks_needed(self, owner: BlockOwner, num_tokens: int) -> int:
+        """New blocks ``owner`` needs to hold ``num_tokens`` tokens of KV."""
+        need = -(-num_tokens // self.block_size)
+        return max(0, need - len(owner.block_ids))
+
+    # -- prefix cache ----------------------------------------------------------------------
+    def update_hashes(self, owner: BlockOwner) -> None:
+        """Extend ``owner.block_hashes`` over its full blocks of known tokens."""
+        tokens = owner.known_token_ids()
+        bs = self.block_size
+        hashes = owner.block_hashes
+        for i in range(len(hashes), len(tokens) // bs):
+            parent = hashes[-1] if hashes else ROOT_HASH
+            hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs]))
+
+    def match_prefix(self, owner: BlockOwner, max_tokens: int) -> list[int]:
+        """Cached blocks that hold the longest prefix of ``owner``'s tokens (at most
+        ``max_tokens`` tokens). Takes no references."""
+        if not self.enable_prefix_caching:
+            return []
+        self.update_hashes(owner)
+        hits: list[int] = []
+        for h in owner.block_hashes[: max_tokens // self.block_size]:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.num_queries += num_tokens
+        self.num_hits += num_hit_tokens
+
+    def cache_blocks(self, owner: BlockOwner, num_computed_tokens: int) -> None:
+        """Enter ``owner``'s full blocks whose KV is computed into the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        self.update_hashes(owner)
+        n_full = min(num_computed_tokens // self.block_size, len(owner.block_hashes))
+        for i in range(n_full):
+            block = owner.block_ids[i]
+            if self.block_hash[block] is not None:
+                continue
+            h = owner.block_hashes[i]
+            if h in self.cached:
+                continue  # same content already cached in another block
+            self.block_hash[block] = h
+            self.cached[h] = block
+            self.events.stored.append(h)
+
+    # -- allocation ------------------------------------------------------------------------
+    def take_prefix(self, owner: BlockOwner, blocks: list[int]) -> None:
+        """Give ``owner`` references to cached ``blocks`` (from ``match_prefix``)."""
+        for b in blocks:
+            if self.ref_counts[b] == 0:
+                del self.free_queue[b]
+            self.ref_counts[b] += 1
+        owner.block_ids.extend(blocks)
+
+    def allocate(self, owner: BlockOwner, num_tokens: int) -> bool:
+        """Grow ``owner`` to hold ``num_tokens`` tokens; False (and no change) if short."""
+        need = self.blocks_needed(owner, num_tokens)
+        if need > len(self.free_queue):
+            return False
+        for _ in range(need):
+            b, _ = self.free_queue.popitem(last=False)
+            self._evict(b)
+            self.ref_counts[b] = 1
+            owner.block_ids.append(b)
+        return True
+
+    def free(self, owner: BlockOwner) -> None:
+        """Drop ``owner``'s references. Its tail blocks become the first to be evicted."""
+        for b in reversed(owner.block_ids):
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
+                self.free_queue[b] = None
+        owner.block_ids.clear()
+
+    def _evict(self, block: int) -> None:
+        h = self.block_hash[block]
+        if h is not None:
+            self.block_hash[block] = None
+            if self.cached.get(h) == block:
+                del self.cached[h]
+                self.events.removed.append(h)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block not in use. False if some are still referenced."""
+        if any(self.ref_counts):
+            return False
+        for b in range(self.num_blocks):
+            self.block_hash[b] = None
+        self.cached.clear()
+        self.events = KVEvents(cleared=True)
+        return True
+
+    def drain_events(self) -> KVEvents:
+        events, self.events = self.events, KVEvents()
+        return events
+
+    # -- invariants ------------------------------------------------------------------------
+    def check_integrity(self) -> dict[str, int]:
+        """Assert the bookkeeping is consistent; returns the free/cached/used counts."""
+        used = sum(1 for r in self.ref_counts if r > 0)
+        cached = sum(1 for b, r in enumerate(self.ref_counts) if r == 0 and self.block_hash[b] is not None)
+        free = sum(1 for b, r in enumerate(self.ref_counts) if r == 0 and self.block_hash[b] is None)
+        assert all(r >= 0 for r in self.ref_counts), "negative reference count"
+        assert free + cached + used == self.num_blocks
+        assert set(self.free_queue) == {b for b, r in enumerate(self.ref_counts) if r == 0}
+        for h, b in self.cached.items():
+            assert self.block_hash[b] == h, "cache map and block hash disagree"
+        return {"free": free, "cached": cached, "used": used}

@@ -1,0 +1,303 @@
+"""The scheduler core: requests in, one ``StepPlan`` per step out, ``StepResult`` back.
+
+No sockets and no torch here: the actor (``actor.py``) feeds it messages, and unit
+tests feed it fabricated ``StepResult``s.
+
+One rule fills every step: a request gets ``num_tokens - num_computed_tokens`` tokens
+(its whole prompt, a chunk of it, or the one token of a decode) as far as the step's
+token budget and its KV blocks allow. Prefill, chunked prefill, decode and prefix-cache
+hits are all this rule.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+from ..config import CacheConfig, SchedulerConfig
+from ..protocol import NewRequestData, StepPlan, StepResult, TokenizedRequest
+from .block_manager import BlockManager
+from .policy import Policy
+from .request import Request, Status
+
+
+@dataclass
+class StepOutputs:
+    """What a step result means for the frontend (the columns of a ``TokenBatch``)."""
+
+    req_ids: list[str] = field(default_factory=list)
+    new_token_ids: list[list[int]] = field(default_factory=list)
+    finish_reasons: list[str | None] = field(default_factory=list)
+    num_cached_tokens: list[int] = field(default_factory=list)
+    queue_times: list[float] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+
+    def add(self, req: Request, tokens: list[int], reason: str | None, logprobs=None) -> None:
+        self.req_ids.append(req.req_id)
+        self.new_token_ids.append(tokens)
+        self.finish_reasons.append(reason)
+        self.num_cached_tokens.append(max(req.num_cached_tokens, 0))
+        started = req.first_scheduled_time
+        self.queue_times.append(max(0.0, started - req.arrival_time) if started else 0.0)
+        self.logprobs.append(logprobs)
+
+
+@dataclass
+class SchedulerStats:
+    """Counters kept across the scheduler's life (reported by the ``stats`` control call)."""
+
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_finished: int = 0
+    num_aborted: int = 0
+    last_step_tokens: int = 0
+    last_step_seqs: int = 0
+    total_scheduled_tokens: int = 0
+    total_prompt_tokens: int = 0
+    total_output_tokens: int = 0
+
+
+class Scheduler:
+    """Continuous batching over a paged KV cache. Verbs: add, abort, schedule, update."""
+
+    def __init__(self, sched: SchedulerConfig, cache: CacheConfig, max_model_len: int) -> None:
+        self.cfg = sched
+        self.max_model_len = max_model_len
+        self.policy = Policy(sched.policy)
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # kept sorted by policy rank
+        self.running: list[Request] = []
+        self._drop_on_worker: list[str] = []  # finished/preempted ids the workers still hold
+        self._step_id = 0
+        self.stats = SchedulerStats()
+
+    # -- requests in ------------------------------------------------------------------------
+    def add_request(self, msg: TokenizedRequest) -> None:
+        """Queue a request. Raises ``ValueError`` for one that can never run."""
+        if msg.req_id in self.requests:
+            raise ValueError(f"request id {msg.req_id!r} is already in use")
+        n = len(msg.prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens; the model's context is {self.max_model_len} "
+                "and at least one must be left for the output")
+        blocks_needed = -(-min(n + msg.sampling.max_tokens, self.max_model_len) // self.blocks.block_size)
+        if blocks_needed > self.blocks.num_blocks:
+            raise ValueError(
+                f"the request needs {blocks_needed} KV blocks and the cache has "
+                f"{self.blocks.num_blocks}; lower max_tokens or the prompt length")
+        if len(self.waiting) >= self.cfg.max_queued_requests:
+            raise OverflowError(f"the queue is full ({self.cfg.max_queued_requests} waiting)")
+        req = Request(msg)
+        self.requests[req.req_id] = req
+        self._enqueue(req)
+        self.stats.total_prompt_tokens += n
+
+    def abort(self, req_id: str) -> Request | None:
+        """End a request now and free its blocks; returns it, or None if unknown."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return None
+        self._finish(req, "abort")
+        self.stats.num_aborted += 1
+        return req
+
+    # -- planning ---------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        """True if a step could be planned now."""
+        return any(self._tokens_to_compute(r) for r in self.running) or any(
+            r.num_placeholders == 0 for r in self.waiting)
+
+    def schedule(self) -> StepPlan | None:
+        """Plan the next step, or None if nothing can run."""
+        budget = self.cfg.max_num_batched_tokens
+        chosen: list[tuple[Request, int]] = []
+        if self.policy.prefill_first:
+            budget = self._admit_waiting(chosen, budget, preempted=False)
+            budget, preempted = self._schedule_running(chosen, budget)
+        else:
+            budget, preempted = self._schedule_running(chosen, budget)
+            budget = self._admit_waiting(chosen, budget, preempted)
+        if not chosen and not self._drop_on_worker:
+            return None
+        return self._make_plan(chosen)
+
+    def _tokens_to_compute(self, req: Request) -> int:
+        if not req.wants_more or req.num_tokens >= self.max_model_len:
+            # NOTE: only an in-flight token can take a request to its limits; that token
+            # ends the request when it lands, so its KV is never needed.
+            return 0
+        return req.num_tokens - req.num_computed_tokens
+
+    def _schedule_running(self, chosen: list[tuple[Request, int]], budget: int) -> tuple[int, bool]:
+        preempted = False
+        if self.policy.name == "priority":
+            self.running.sort(key=self.policy.rank)
+        in_step = {id(r) for r, _ in chosen}
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.status is not Status.RUNNING or id(req) in in_step:
+                continue
+            n = min(self._tokens_to_compute(req), budget)
+            if n <= 0:
+                continue
+            while not self.blocks.allocate(req, req.num_computed_tokens + n):
+                victim = self.policy.pick_victim(
+                    r for r in self.running if id(r) not in in_step and r.status is Status.RUNNING)
+                assert victim is not None
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                chosen.append((req, n))
+                in_step.add(id(req))
+                budget -= n
+        return budget, preempted
+
+    def _admit_waiting(self, chosen: list[tuple[Request, int]], budget: int, preempted: bool) -> int:
+        if preempted:
+            return budget  # memory is short: let the running requests finish first
+        bs = self.blocks.block_size
+        admitted: list[Request] = []
+        for req in self.waiting:
+            if budget <= 0 or len(self.running) + len(admitted) >= self.cfg.max_num_seqs:
+                break
+            if req.num_placeholders:
+                continue  # a token for it is still in flight; wait for it
+            if req.offline and self._online_waiting(admitted):
+                break  # offline work only takes capacity online work leaves
+            hits = self.blocks.match_prefix(req, req.num_known_tokens - 1)
+            num_computed = len(hits) * bs
+            n = min(req.num_tokens - num_computed, budget)
+            self.blocks.take_prefix(req, hits)
+            if not self.blocks.allocate(req, num_computed + n):
+                self.blocks.free(req)
+                break
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_computed
+                self.blocks.record_lookup(len(req.prompt_token_ids), num_computed)
+            req.num_computed_tokens = num_computed
+            req.status = Status.RUNNING
+            admitted.append(req)
+            chosen.append((req, n))
+            budget -= n
+        if admitted:
+            gone = {id(r) for r in admitted}
+            self.waiting = [r for r in self.waiting if id(r) not in gone]
+            self.running.extend(admitted)
+        return budget
+
+    def _online_waiting(self, admitted: list[Request]) -> bool:
+        return any(not r.offline and r.num_placeholders == 0 and r not in admitted for r in self.waiting)
+
+    def _make_plan(self, chosen: list[tuple[Request, int]]) -> StepPlan:
+        self._step_id += 1
+        new_requests: list[NewRequestData] = []
+        new_blocks: dict[str, list[int]] = {}
+        ids, n_sched, n_comp = [], [], []
+        now = time.time()
+        for req, n in chosen:
+            if not req.on_worker:
+                new_requests.append(NewRequestData(
+                    req.req_id, list(req.known_token_ids()), list(req.block_ids), req.sampling))
+                req.on_worker = True
+            elif len(req.block_ids) > req.num_blocks_sent:
+                new_blocks[req.req_id] = req.block_ids[req.num_blocks_sent:]
+            req.num_blocks_sent = len(req.block_ids)
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            ids.append(req.req_id)
+            n_sched.append(n)
+            n_comp.append(req.num_computed_tokens)
+            req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens:
+                req.num_placeholders += 1  # this step samples its next token
+            self.blocks.cache_blocks(req, min(req.num_computed_tokens, req.num_known_tokens))
+        drop, self._drop_on_worker = self._drop_on_worker, []
+        total = sum(n_sched)
+        self.stats.num_steps += 1
+        self.stats.last_step_tokens = total
+        self.stats.last_step_seqs = len(ids)
+        self.stats.total_scheduled_tokens += total
+        return StepPlan(self._step_id, new_requests, new_blocks, ids, n_sched, n_comp, drop)
+
+    # -- results in -------------------------------------------------------------------------
+    def update(self, result: StepResult) -> StepOutputs:
+        """Fold sampled tokens in; returns what the frontend must hear."""
+        out = StepOutputs()
+        rows = {rid: i for i, rid in enumerate(result.logprob_req_ids)}
+        for req_id, token in zip(result.req_ids, result.token_ids):
+            req = self.requests.get(req_id)
+            if req is None or req.num_placeholders == 0:
+                continue  # finished or aborted since the step was planned
+            req.num_placeholders -= 1
+            reason = req.append_token(token, self.max_model_len)
+            self.stats.total_output_tokens += 1
+            if reason is not None:
+                self._finish(req, reason)
+            out.add(req, [token], reason, _logprobs(result, rows.get(req_id), req.sampling.logprobs, token))
+        return out
+
+    # -- internals --------------------------------------------------------------------------
+    def _enqueue(self, req: Request) -> None:
+        req.status = Status.WAITING
+        keys = [self.policy.rank(r) for r in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, self.policy.rank(req)), req)
+
+    def _preempt(self, req: Request) -> None:
+        self.blocks.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.running.remove(req)
+        self._forget_on_worker(req)
+        self._enqueue(req)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+        elif req.status is Status.WAITING:
+            self.waiting.remove(req)
+        self.blocks.free(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        self._forget_on_worker(req)
+        del self.requests[req.req_id]
+        self.stats.num_finished += 1
+
+    def _forget_on_worker(self, req: Request) -> None:
+        if req.on_worker:
+            self._drop_on_worker.append(req.req_id)
+            req.on_worker = False
+            req.num_blocks_sent = 0
+
+    # -- introspection ----------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Gauges and counters for the ``stats`` control call and metrics."""
+        b = self.blocks
+        return {
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
+            "kv_usage": b.usage,
+            "num_blocks": b.num_blocks,
+            "num_free_blocks": b.num_free_blocks,
+            "prefix_cache_queries": b.num_queries,
+            "prefix_cache_hits": b.num_hits,
+            "prefix_cache_hit_rate": b.num_hits / b.num_queries if b.num_queries else 0.0,
+            **self.stats.__dict__,
+        }
+
+
+def _logprobs(result: StepResult, row: int | None, k: int | None, token: int) -> list | None:
+    """One token's (id, logprob, top ids, top logprobs) from the result's arrays."""
+    if row is None or k is None:
+        return None
+    top_ids = result.top_ids[row, :k].tolist() if k else []
+    top_lp = result.top_logprobs[row, :k].tolist() if k else []
+    return [(token, float(result.logprobs[row]), top_ids, top_lp)]

@@ -1,0 +1,26 @@
+"""Exceptions the SDK raises, carrying the server's message."""
+
+from __future__ import annotations
+
+
+class XllmError(Exception):
+    """The engine refused or failed a request; ``code`` says why in one word."""
+
+    def __init__(self, code: str, message: str, req_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.req_id = req_id
+
+
+class BadRequestError(XllmError):
+    """The request was invalid (the message names the field or limit)."""
+
+
+class EngineUnavailableError(XllmError):
+    """No answer from the deployment within the timeout."""
+
+
+def error_for(code: str, message: str, req_id: str | None = None) -> XllmError:
+    cls = BadRequestError if code == "bad_request" else XllmError
+    return cls(code, message, req_id)

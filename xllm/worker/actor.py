@@ -1,0 +1,96 @@
+"""The worker actor: one per device (rank). Runs each ``StepPlan`` it is sent.
+
+Rank 0 answers every plan with a ``StepResult``; other ranks run the same plan for
+their collectives and stay silent. A failure inside a step is reported (``WorkerError``
+to the scheduler, ``ActorFailed`` to the launcher) and ends the process: a worker whose
+KV state may be half-updated must not keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+
+import zmq
+
+from ..bus.actor import Actor
+from ..bus.codec import DecodeError
+from ..config import EngineConfig, read_hf_config
+from ..layers.parallel import SINGLE, TPGroup
+from ..protocol import ControlCall, ControlReply, StepPlan, WorkerError, WorkerInput
+from .model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+class WorkerActor(Actor):
+    """Holds the weights and KV cache of one rank and executes step plans."""
+
+    def __init__(self, cfg: EngineConfig, rank: int) -> None:
+        super().__init__(f"worker-{rank}", cfg.addresses.launcher)
+        self.cfg = cfg
+        self.rank = rank
+        self.runner: ModelRunner | None = None
+
+    async def setup(self) -> dict:
+        import torch
+
+        par = self.cfg.parallel
+        threads = par.threads_per_worker or max(1, (os.cpu_count() or 1) // par.tp_size)
+        torch.set_num_threads(threads)
+        tp = self._init_tp()
+        self.plans = self.channel(zmq.PULL, self.cfg.addresses.plan(self.rank), bind=False, union=WorkerInput)
+        self.results = (self.channel(zmq.PUSH, self.cfg.addresses.results, bind=False)
+                        if self.rank == 0 else None)
+        hf = read_hf_config(self.cfg.model.path)
+        self.runner = await asyncio.to_thread(ModelRunner, self.cfg.model, self.cfg.cache, hf, tp)
+        return {"rank": self.rank, "threads": threads}
+
+    def _init_tp(self) -> TPGroup:
+        size = self.cfg.parallel.tp_size
+        if size == 1:
+            return SINGLE
+        import torch.distributed as dist
+
+        from ..platform import current
+
+        dist.init_process_group(current().dist_backend, init_method=self.cfg.addresses.dist_init_file(),
+                                rank=self.rank, world_size=size)
+        return TPGroup(self.rank, size, dist.group.WORLD)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                msg = await self.plans.recv()
+            except DecodeError as exc:
+                log.error("rejected a malformed message: %s", exc)
+                continue
+            match msg:
+                case StepPlan():
+                    await self._step(msg)
+                case ControlCall():
+                    await self._control(msg)
+
+    async def _step(self, plan: StepPlan) -> None:
+        try:
+            result = self.runner.execute(plan)
+        except Exception as exc:
+            if self.results is not None:
+                await self.results.send(WorkerError(plan.step_id, f"{type(exc).__name__}: {exc}"))
+            raise
+        if self.results is not None:
+            await self.results.send(result)
+
+    async def _control(self, call: ControlCall) -> None:
+        if call.method == "stats":
+            result = {"rank": self.rank, "num_requests": len(self.runner.requests)}
+            reply = ControlReply(call.call_id, True, result)
+        else:
+            reply = ControlReply(call.call_id, False, error=f"unknown method {call.method!r}")
+        if self.results is not None:
+            await self.results.send(reply)
+
+
+

@@ -1,0 +1,147 @@
+"""The model runner: turns a ``StepPlan`` into one forward pass and sampled tokens.
+
+It keeps, per request, the token ids and KV block ids the scheduler sent (plus the
+tokens it sampled itself, which fill the scheduler's placeholders), builds the step's
+flattened inputs with array operations, runs the model and samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import CacheConfig, ModelConfig
+from ..layers.attention import AttentionMetadata, PrefillSpan
+from ..layers.parallel import SINGLE, TPGroup
+from ..models.loader import iter_weights
+from ..models.registry import model_class
+from ..models.spec import DecoderSpec
+from ..protocol import SamplingParams, StepPlan, StepResult
+from .kv_cache import allocate_kv_cache
+from .sampler import Sampler, SamplingBatch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RequestState:
+    """What a worker remembers of one request between steps."""
+
+    token_ids: list[int]  # prompt, outputs the scheduler sent, tokens sampled here
+    block_ids: list[int]
+    sampling: SamplingParams
+    generator: torch.Generator | None  # per-request generator when a seed is given
+
+
+@dataclass
+class StepInputs:
+    """The flattened tensors of one step."""
+
+    input_ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,)
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # (S,) rows whose logits are sampled
+    sample_req_ids: list[str]  # (S,) their requests
+
+
+class ModelRunner:
+    """Owns the model weights, the KV cache and the per-request state of one rank."""
+
+    def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, hf_config: dict,
+                 tp: TPGroup = SINGLE) -> None:
+        self.spec = DecoderSpec.from_hf(hf_config)
+        self.dtype = DTYPES[model_cfg.dtype]
+        self.block_size = cache_cfg.block_size
+        self.tp = tp
+        t0 = time.perf_counter()
+        self.model = model_class(self.spec.architecture)(self.spec, tp, self.dtype)
+        self.model.load_weights(iter_weights(model_cfg.path, self.dtype))
+        self.model.eval()
+        log.info("loaded %s in %.1f s", self.spec.architecture, time.perf_counter() - t0)
+        allocate_kv_cache(self.model.attention_layers(), cache_cfg.num_blocks, self.block_size, self.dtype)
+        self.sampler = Sampler(model_cfg.seed)
+        self.requests: dict[str, RequestState] = {}
+
+    # -- state ------------------------------------------------------------------------------
+    def _apply_plan_state(self, plan: StepPlan) -> None:
+        for rid in plan.finished_req_ids:
+            self.requests.pop(rid, None)
+        for new in plan.new_requests:
+            seed = new.sampling.seed
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            self.requests[new.req_id] = RequestState(list(new.token_ids), list(new.block_ids),
+                                                     new.sampling, gen)
+        for rid, blocks in plan.new_block_ids.items():
+            self.requests[rid].block_ids.extend(blocks)
+
+    # -- one step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
+        self._apply_plan_state(plan)
+        if not plan.scheduled_req_ids:
+            return StepResult(plan.step_id, [], [], 0.0)
+        inp = self._prepare(plan)
+        hidden = self.model(inp.input_ids, inp.positions, inp.meta)
+        logits = self.model.compute_logits(hidden[inp.sample_rows])
+        states = [self.requests[r] for r in inp.sample_req_ids]
+        batch = SamplingBatch.build([s.sampling for s in states], [s.generator for s in states],
+                                    self.spec.vocab_size)
+        tokens = self.sampler(logits, batch).tolist()
+        for state, tok in zip(states, tokens):
+            state.token_ids.append(tok)
+        return StepResult(plan.step_id, inp.sample_req_ids, tokens, time.perf_counter() - t0)
+
+    def _prepare(self, plan: StepPlan) -> "StepInputs":
+        ids = plan.scheduled_req_ids
+        n_sched = np.asarray(plan.num_scheduled, dtype=np.int64)
+        n_comp = np.asarray(plan.num_computed, dtype=np.int64)
+        states = [self.requests[r] for r in ids]
+        ends = n_comp + n_sched
+        total = int(n_sched.sum())
+        starts = np.cumsum(n_sched) - n_sched  # first row of each request
+        # positions: n_comp[i] .. ends[i]-1 for each request, flattened
+        positions = np.arange(total, dtype=np.int64) - np.repeat(starts - n_comp, n_sched)
+        tokens: list[int] = []
+        for s, c, e in zip(states, n_comp.tolist(), ends.tolist()):
+            if e > len(s.token_ids):
+                raise RuntimeError(f"plan asks for token {e - 1} of a request with {len(s.token_ids)}")
+            tokens.extend(s.token_ids[c:e])
+        max_blocks = max(len(s.block_ids) for s in states)
+        table = np.zeros((len(states), max_blocks), dtype=np.int64)
+        for i, s in enumerate(states):
+            table[i, : len(s.block_ids)] = s.block_ids
+        row_req = np.repeat(np.arange(len(states)), n_sched)
+        slots = table[row_req, positions // self.block_size] * self.block_size + positions % self.block_size
+        sample_mask = ends == np.asarray([len(s.token_ids) for s in states])
+        return StepInputs(
+            input_ids=torch.tensor(tokens, dtype=torch.int64),
+            positions=torch.from_numpy(positions),
+            meta=self._attention_metadata(n_sched, n_comp, starts, ends, table, slots),
+            sample_rows=torch.from_numpy(starts[sample_mask] + n_sched[sample_mask] - 1),
+            sample_req_ids=[ids[i] for i in np.nonzero(sample_mask)[0].tolist()],
+        )
+
+    def _attention_metadata(self, n_sched, n_comp, starts, ends, table, slots) -> AttentionMetadata:
+        decode = n_sched == 1
+        table_t = torch.from_numpy(table)
+        meta = AttentionMetadata(slot_mapping=torch.from_numpy(slots), decode_rows=None,
+                                 decode_block_tables=None, decode_seq_lens=None)
+        if decode.any():
+            idx = np.nonzero(decode)[0]
+            seq_lens = ends[idx]
+            blocks_needed = -(-int(seq_lens.max()) // self.block_size)
+            meta.decode_rows = torch.from_numpy(starts[idx])
+            meta.decode_block_tables = table_t[torch.from_numpy(idx), :blocks_needed]
+            meta.decode_seq_lens = torch.from_numpy(seq_lens)
+            meta.max_decode_len = int(seq_lens.max())
+            meta.all_decode = bool(decode.all())
+        for i in np.nonzero(~decode)[0].tolist():
+            meta.prefills.append(PrefillSpan(int(starts[i]), int(n_sched[i]), int(n_comp[i]), table_t[i]))
+        return meta
