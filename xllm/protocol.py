@@ -163,7 +163,7 @@ class TokenLogprob(msgspec.Struct, array_like=True):
     token_id: int
     token: str  # the token's text on its own
     logprob: float
-    top: list[tuple[int, str, float]] = []  # (token id, text, logprob), most likely first
+    top: list[tuple[int, str, float]]  # (token id, text, logprob), most likely first
 
 
 class RequestDelta(msgspec.Struct, omit_defaults=True):

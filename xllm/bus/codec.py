@@ -17,6 +17,10 @@ class DecodeError(ValueError):
     """A message did not match the socket's schema (or its frames are inconsistent)."""
 
 
+class EncodeError(ValueError):
+    """A message could not be encoded (e.g. an integer beyond 64 bits)."""
+
+
 class Encoder:
     """Encodes one struct into a list of frames: ``[payload, *array_buffers]``."""
 
@@ -28,13 +32,17 @@ class Encoder:
         if isinstance(obj, np.ndarray):
             arr = np.ascontiguousarray(obj)
             self._frames.append(memoryview(arr).cast("B") if arr.size else b"")
-            return [arr.dtype.str, list(arr.shape), len(self._frames)]
+            return [arr.dtype.str, list(arr.shape), len(self._frames) - 1]
         raise NotImplementedError(f"cannot send a {type(obj).__name__} on the wire")
 
     def encode(self, msg: msgspec.Struct) -> list[Any]:
         self._frames = [b""]
-        self._frames[0] = self._enc.encode(msg)
-        frames, self._frames = self._frames, []
+        try:
+            self._frames[0] = self._enc.encode(msg)
+        except (OverflowError, TypeError, NotImplementedError, msgspec.EncodeError) as exc:
+            raise EncodeError(f"cannot send {type(msg).__name__}: {exc}") from exc
+        finally:
+            frames, self._frames = self._frames, []
         return frames
 
 

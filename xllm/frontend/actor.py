@@ -20,7 +20,7 @@ from ..bus.actor import Actor
 from ..bus.codec import DecodeError
 from ..config import EngineConfig
 from ..protocol import (
-    AbortRequest, ClientMessage, ControlCall, ControlReply, ErrorReply, FrontendInput,
+    AbortRequest, ChatMessage, ClientMessage, ControlCall, ControlReply, ErrorReply, FrontendInput,
     GenerateRequest, RequestDelta, RequestOutputs, RequestRejected, TokenBatch, TokenizedRequest,
 )
 from .detokenizer import Detokenizer
@@ -147,6 +147,13 @@ class FrontendActor(Actor):
             info = {"name": self.cfg.model.served_name, "max_model_len": self.cfg.model.max_model_len,
                     "vocab_size": self.vocab_size, "num_blocks": self.cfg.cache.num_blocks}
             await self.clients.send_to(client, ControlReply(call.call_id, True, info))
+        elif call.method in ("tokenize", "detokenize"):
+            try:
+                result = self._tokenize(call)
+                reply = ControlReply(call.call_id, True, result)
+            except (ValueError, TypeError, KeyError) as exc:
+                reply = ControlReply(call.call_id, False, error=f"bad_request: {exc}")
+            await self.clients.send_to(client, reply)
         elif call.method in FORWARDED_CALLS:
             own = next(self._calls)
             self.pending_calls[own] = (client, call.call_id)
@@ -154,6 +161,24 @@ class FrontendActor(Actor):
         else:
             await self.clients.send_to(client, ControlReply(call.call_id, False,
                                                             error=f"unknown method {call.method!r}"))
+
+    def _tokenize(self, call: ControlCall) -> dict:
+        """``tokenize``: args prompt or messages -> token ids; ``detokenize``: tokens -> text."""
+        args = call.args
+        if call.method == "detokenize":
+            tokens = args["tokens"]
+            if not isinstance(tokens, list) or any(not isinstance(t, int) or not 0 <= t < self.vocab_size
+                                                   for t in tokens):
+                raise ValueError("tokens must be a list of token ids inside the vocabulary")
+            return {"prompt": self.tok.decode(tokens)}
+        if "messages" in args:
+            msgs = [ChatMessage(**m) for m in args["messages"]]
+            ids = self.tok.apply_chat(msgs)
+        else:
+            if not isinstance(args.get("prompt"), str):
+                raise ValueError("prompt must be a string")
+            ids = self.tok.encode(args["prompt"], bool(args.get("add_special_tokens", True)))
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.cfg.model.max_model_len}
 
     # -- from the scheduler -----------------------------------------------------------------
     async def _on_engine(self, msg) -> None:

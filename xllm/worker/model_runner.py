@@ -83,20 +83,29 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step: forward, sample, remember the sampled tokens."""
         t0 = time.perf_counter()
-        self._apply_plan_state(plan)
-        if not plan.scheduled_req_ids:
+        req_ids, logits = self.step_logits(plan)
+        if not req_ids:
             return StepResult(plan.step_id, [], [], 0.0)
-        inp = self._prepare(plan)
-        hidden = self.model(inp.input_ids, inp.positions, inp.meta)
-        logits = self.model.compute_logits(hidden[inp.sample_rows])
-        states = [self.requests[r] for r in inp.sample_req_ids]
+        states = [self.requests[r] for r in req_ids]
         batch = SamplingBatch.build([s.sampling for s in states], [s.generator for s in states],
                                     self.spec.vocab_size)
         tokens = self.sampler(logits, batch).tolist()
         for state, tok in zip(states, tokens):
             state.token_ids.append(tok)
-        return StepResult(plan.step_id, inp.sample_req_ids, tokens, time.perf_counter() - t0)
+        return StepResult(plan.step_id, req_ids, tokens, time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def step_logits(self, plan: StepPlan) -> tuple[list[str], torch.Tensor]:
+        """Apply the plan's state changes and run the forward pass: the requests that sample
+        this step and their (S, vocab) float32 logits."""
+        self._apply_plan_state(plan)
+        if not plan.scheduled_req_ids:
+            return [], torch.empty(0)
+        inp = self._prepare(plan)
+        hidden = self.model(inp.input_ids, inp.positions, inp.meta)
+        return inp.sample_req_ids, self.model.compute_logits(hidden[inp.sample_rows])
 
     def _prepare(self, plan: StepPlan) -> "StepInputs":
         ids = plan.scheduled_req_ids

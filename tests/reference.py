@@ -1,0 +1,57 @@
+"""transformers as the reference: greedy continuations and the near-tie rule."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import lru_cache
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from xllm.sdk import AsyncClient
+
+NEAR_TIE = 1e-4
+
+
+@lru_cache(maxsize=4)
+def hf_model(path: str, dtype: torch.dtype = torch.float32):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # compare fixed lengths: EOS is ignored
+    return model
+
+
+@torch.inference_mode()
+def hf_greedy(path: str, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers ``generate``, greedy, EOS ignored."""
+    model = hf_model(str(path))
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = model.generate(torch.tensor([prompt]), generation_config=cfg)
+    return out[0, len(prompt):].tolist()
+
+
+@torch.inference_mode()
+def assert_greedy_equal(path: str, prompt: list[int], ours: list[int], ref: list[int]) -> None:
+    """Token-for-token equality, except a divergence at a near-tie the reference confirms:
+    at the first differing position the top two reference logits are within 1e-4 and
+    our token is one of them. Tokens after an accepted divergence are not compared."""
+    assert len(ours) == len(ref), f"length {len(ours)} != reference {len(ref)}"
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a == b:
+            continue
+        logits = hf_model(str(path))(torch.tensor([prompt + ref[:i]])).logits[0, -1].float()
+        top2 = logits.topk(2)
+        gap = float(top2.values[0] - top2.values[1])
+        assert gap < NEAR_TIE and a in top2.indices.tolist(), (
+            f"diverged at output token {i}: ours {a}, reference {b}, top-2 gap {gap:.3g} "
+            f"(not a near-tie)\nours {ours}\nref  {ref}")
+        return
+
+
+async def generate_all(address: str, prompts: list[list[int]], max_tokens: list[int],
+                       **sampling) -> list[list[int]]:
+    """Send every prompt at once (so they share engine steps); token ids back in order."""
+    async with AsyncClient(address) as client:
+        done = await asyncio.gather(*(
+            client.generate(prompt_token_ids=p, max_tokens=n, temperature=0.0, ignore_eos=True, **sampling)
+            for p, n in zip(prompts, max_tokens)))
+    return [c.token_ids for c in done]
