@@ -256,6 +256,8 @@ class NewRequestData(msgspec.Struct, array_like=True):
     token_ids: list[int]  # prompt plus every output token the scheduler already knows
     block_ids: list[int]  # the request's KV blocks, in order
     sampling: SamplingParams
+    num_prompt_tokens: int = 0  # the first tokens of token_ids that are the prompt
+    eos_token_ids: list[int] = []  # masked out until sampling.min_tokens are out
 
 
 class StepPlan(msgspec.Struct, tag="plan"):

@@ -22,6 +22,7 @@ from ..config import EngineConfig
 from ..protocol import (
     AbortRequest, ChatMessage, ClientMessage, ControlCall, ControlReply, ErrorReply, FrontendInput,
     GenerateRequest, RequestDelta, RequestOutputs, RequestRejected, TokenBatch, TokenizedRequest,
+    TokenLogprob,
 )
 from .detokenizer import Detokenizer
 from .tokenizer import ModelTokenizer
@@ -44,6 +45,8 @@ class Stream:
     num_cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)  # kept when not streaming
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # kept when not streaming
+    queue_time: float = 0.0
     stopped: bool = False  # a stop string matched; the scheduler's abort is on its way
 
 
@@ -111,6 +114,9 @@ class FrontendActor(Actor):
                              "and at least one must be left for the output")
         sp = req.sampling
         sp.validate()
+        bad = [t for t in [*sp.logit_bias, *sp.stop_token_ids] if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} in logit_bias/stop_token_ids is outside the vocabulary")
         if req.sampling.max_tokens is not None and len(ids) + sp.max_tokens > max_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({sp.max_tokens}) exceeds "
                              f"the model's context of {max_len}")
@@ -198,8 +204,10 @@ class FrontendActor(Actor):
 
     async def _on_tokens(self, batch: TokenBatch) -> None:
         per_client: dict[bytes, list[RequestDelta]] = {}
-        for rid, tokens, reason, cached in zip(batch.req_ids, batch.new_token_ids,
-                                               batch.finish_reasons, batch.num_cached_tokens):
+        logprobs = batch.logprobs or [None] * len(batch.req_ids)
+        for rid, tokens, reason, cached, queue_time, lps in zip(
+                batch.req_ids, batch.new_token_ids, batch.finish_reasons, batch.num_cached_tokens,
+                batch.queue_times, logprobs):
             stream = self.streams.get(rid)
             if stream is None:
                 continue
@@ -216,7 +224,8 @@ class FrontendActor(Actor):
                 text += stream.detok.flush()
             stream.num_output_tokens += len(tokens)
             stream.num_cached_tokens = cached
-            delta = self._delta(stream, text, tokens, reason)
+            stream.queue_time = queue_time
+            delta = self._delta(stream, text, tokens, reason, self._logprobs(lps))
             if reason is not None and not hit_stop:
                 self._close(rid)
             if delta is not None:
@@ -224,15 +233,26 @@ class FrontendActor(Actor):
         for client, deltas in per_client.items():
             await self.clients.send_to(client, RequestOutputs(deltas))
 
-    def _delta(self, s: Stream, text: str, tokens: list[int], reason: str | None) -> RequestDelta | None:
+    def _delta(self, s: Stream, text: str, tokens: list[int], reason: str | None,
+               logprobs: list[TokenLogprob] | None) -> RequestDelta | None:
         if not s.stream:
             s.token_ids.extend(tokens)
             s.text.append(text)
+            if logprobs is not None:
+                s.logprobs.extend(logprobs)
             if reason is None:
                 return None
             text, tokens = "".join(s.text), s.token_ids
+            logprobs = s.logprobs if logprobs is not None or s.logprobs else None
         return RequestDelta(s.client_req_id, text, tokens, reason, s.num_prompt_tokens,
-                            s.num_output_tokens, s.num_cached_tokens)
+                            s.num_output_tokens, s.num_cached_tokens, logprobs, s.queue_time)
+
+    def _logprobs(self, entries) -> list[TokenLogprob] | None:
+        if entries is None:
+            return None
+        piece = self.tok.decode_one
+        return [TokenLogprob(tok, piece(tok), lp, [(t, piece(t), v) for t, v in zip(ids, vals)])
+                for tok, lp, ids, vals in entries]
 
     def _close(self, rid: str) -> Stream | None:
         stream = self.streams.pop(rid, None)

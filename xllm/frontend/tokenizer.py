@@ -57,3 +57,7 @@ class ModelTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
+
+    def decode_one(self, token_id: int) -> str:
+        """One token's text on its own (for logprobs)."""
+        return self.hf.decode([token_id], skip_special_tokens=False)

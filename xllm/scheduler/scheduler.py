@@ -205,7 +205,8 @@ class Scheduler:
         for req, n in chosen:
             if not req.on_worker:
                 new_requests.append(NewRequestData(
-                    req.req_id, list(req.known_token_ids()), list(req.block_ids), req.sampling))
+                    req.req_id, list(req.known_token_ids()), list(req.block_ids), req.sampling,
+                    len(req.prompt_token_ids), list(req.eos_token_ids)))
                 req.on_worker = True
             elif len(req.block_ids) > req.num_blocks_sent:
                 new_blocks[req.req_id] = req.block_ids[req.num_blocks_sent:]

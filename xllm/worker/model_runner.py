@@ -22,7 +22,8 @@ from ..models.registry import model_class
 from ..models.spec import DecoderSpec
 from ..protocol import SamplingParams, StepPlan, StepResult
 from .kv_cache import allocate_kv_cache
-from .sampler import Sampler, SamplingBatch
+from .logits_processors import apply_processors
+from .sampler import Sampler, SamplingBatch, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ class RequestState:
     block_ids: list[int]
     sampling: SamplingParams
     generator: torch.Generator | None  # per-request generator when a seed is given
+    num_prompt_tokens: int
+    eos_token_ids: list[int]
+    has_processors: bool  # bias, penalties or min_tokens apply
 
 
 @dataclass
@@ -75,8 +79,12 @@ class ModelRunner:
         for new in plan.new_requests:
             seed = new.sampling.seed
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
-            self.requests[new.req_id] = RequestState(list(new.token_ids), list(new.block_ids),
-                                                     new.sampling, gen)
+            sp = new.sampling
+            has_proc = bool(sp.logit_bias or sp.presence_penalty or sp.frequency_penalty
+                            or sp.repetition_penalty != 1.0 or sp.min_tokens)
+            self.requests[new.req_id] = RequestState(list(new.token_ids), list(new.block_ids), sp, gen,
+                                                     new.num_prompt_tokens, list(new.eos_token_ids),
+                                                     has_proc)
         for rid, blocks in plan.new_block_ids.items():
             self.requests[rid].block_ids.extend(blocks)
 
@@ -89,12 +97,24 @@ class ModelRunner:
         if not req_ids:
             return StepResult(plan.step_id, [], [], 0.0)
         states = [self.requests[r] for r in req_ids]
+        want_lp = [i for i, s in enumerate(states) if s.sampling.logprobs is not None]
+        raw = logits[want_lp].clone() if want_lp else None
+        if any(s.has_processors for s in states):
+            apply_processors(logits, states)
         batch = SamplingBatch.build([s.sampling for s in states], [s.generator for s in states],
                                     self.spec.vocab_size)
-        tokens = self.sampler(logits, batch).tolist()
+        sampled = self.sampler(logits, batch)
+        tokens = sampled.tolist()
         for state, tok in zip(states, tokens):
             state.token_ids.append(tok)
-        return StepResult(plan.step_id, req_ids, tokens, time.perf_counter() - t0)
+        result = StepResult(plan.step_id, req_ids, tokens, 0.0)
+        if want_lp:
+            k = max(states[i].sampling.logprobs for i in want_lp)
+            lp, top_ids, top_lp = token_logprobs(raw, sampled[want_lp], k)
+            result.logprob_req_ids = [req_ids[i] for i in want_lp]
+            result.logprobs, result.top_ids, result.top_logprobs = lp, top_ids, top_lp
+        result.forward_s = time.perf_counter() - t0
+        return result
 
     @torch.inference_mode()
     def step_logits(self, plan: StepPlan) -> tuple[list[str], torch.Tensor]:

@@ -85,3 +85,14 @@ class Sampler:
         drop |= mass_before >= top_p.unsqueeze(1)  # the nucleus is already full
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
+    """Log-probabilities under the model's own distribution (before temperature and
+    penalties): the chosen tokens' (R,) and the top-k (R, k) ids and values, as numpy."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens.view(-1, 1)).squeeze(1)
+    top = lp.topk(k, dim=-1) if k else None
+    top_ids = top.indices.to(torch.int32) if top is not None else torch.empty(len(tokens), 0, dtype=torch.int32)
+    top_lp = top.values if top is not None else torch.empty(len(tokens), 0)
+    return chosen.numpy(), top_ids.numpy(), top_lp.float().numpy()
