@@ -25,7 +25,9 @@ def hf_greedy(path: str, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers ``generate``, greedy, EOS ignored."""
     model = hf_model(str(path))
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    out = model.generate(torch.tensor([prompt]), generation_config=cfg)
+    ids = torch.tensor([prompt])
+    # NOTE: an explicit mask, or transformers treats every pad-id token in the prompt as padding
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
     return out[0, len(prompt):].tolist()
 
 

@@ -2,13 +2,16 @@
 
 A policy is a small value object the scheduler consults; it never touches KV memory.
 
-- ``fcfs``: first come, first served; the newest running request is preempted first.
+- ``fcfs``: first come, first served: running requests (decodes and unfinished prompt
+  chunks, in the order they were admitted) take the budget, then waiting ones by
+  arrival; the newest running request is preempted first.
 - ``priority``: lower ``priority`` value first (ties by arrival); the least urgent
   running request is preempted first.
 - ``prefill_first``: FCFS order, but waiting prompts are admitted before running
   requests get their decode tokens (lower time to first token).
-- ``decode_first``: FCFS order; running requests (decodes and unfinished chunks) take
-  the budget first and new prompts fill what remains (smoother inter-token latency).
+- ``decode_first``: requests in their decode phase take the budget first, then
+  unfinished prompt chunks, then new prompts fill what remains (smoother inter-token
+  latency under long prompts).
 
 With every policy an ``offline`` request ranks after every online one: it only runs on
 capacity online requests leave and is the first to be preempted.

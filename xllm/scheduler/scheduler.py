@@ -137,8 +137,11 @@ class Scheduler:
         preempted = False
         if self.policy.name == "priority":
             self.running.sort(key=self.policy.rank)
+        order = self.running
+        if self.policy.name == "decode_first":  # decodes, then unfinished prompt chunks
+            order = sorted(order, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
         in_step = {id(r) for r, _ in chosen}
-        for req in list(self.running):
+        for req in list(order):
             if budget <= 0:
                 break
             if req.status is not Status.RUNNING or id(req) in in_step:

@@ -1,0 +1,75 @@
+"""Scheduling features never change greedy output (through real processes).
+
+Each variant is compared with transformers ``generate`` under the near-tie rule, so a
+variant's output equals the plain run's token for token wherever the model is not at
+a checked near-tie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from tests.deploy import launch
+from tests.reference import assert_greedy_equal, generate_all, hf_greedy
+from xllm.sdk import AsyncClient
+
+PLAIN = ("--no-prefix-caching", "--no-async-scheduling")
+VARIANTS = {
+    "plain": PLAIN,
+    "prefix-cache": ("--no-async-scheduling",),
+    "async": ("--no-prefix-caching",),
+    "chunked-7": ("--max-num-batched-tokens", "7"),
+    "chunked-3-sync": ("--max-num-batched-tokens", "3", "--no-async-scheduling"),
+    "preemption": ("--num-kv-blocks", "20", "--block-size", "8"),
+    "prefill-first": ("--policy", "prefill_first", "--max-num-batched-tokens", "16"),
+    "decode-first": ("--policy", "decode_first", "--max-num-batched-tokens", "16"),
+    "priority": ("--policy", "priority", "--max-num-seqs", "3"),
+}
+
+
+def workload() -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(7)
+    shared = [rng.randrange(1000) for _ in range(40)]
+    prompts, max_tokens = [], []
+    for i in range(10):
+        tail = [rng.randrange(1000) for _ in range(3 + 6 * i)]
+        prompts.append((shared if i % 2 == 0 else []) + tail)
+        max_tokens.append(8 + 3 * i)
+    return prompts, max_tokens
+
+
+@pytest.fixture(scope="module")
+def reference(make_tiny):
+    path = str(make_tiny("tiny-llama"))
+    prompts, max_tokens = workload()
+    return path, prompts, max_tokens, [hf_greedy(path, p, n) for p, n in zip(prompts, max_tokens)]
+
+
+async def _two_rounds(address: str, prompts, max_tokens):
+    first = await generate_all(address, prompts, max_tokens)
+    second = await generate_all(address, prompts, max_tokens)  # the prefixes are cached now
+    async with AsyncClient(address) as c:
+        stats = await c.call("stats")
+        integrity = await c.call("check_integrity")
+    return first, second, stats, integrity
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_output_equals_the_reference(variant, reference, tmp_path):
+    path, prompts, max_tokens, refs = reference
+    with launch(path, tmp_path, *VARIANTS[variant]) as dep:
+        first, second, stats, integrity = asyncio.run(_two_rounds(dep.address, prompts, max_tokens))
+    for outs in (first, second):
+        for prompt, out, ref in zip(prompts, outs, refs):
+            assert_greedy_equal(path, prompt, out, ref)
+    assert integrity["used"] == 0
+    if variant == "preemption":
+        assert stats["num_preemptions"] > 0
+    if variant in ("prefix-cache", "async", "chunked-7", "preemption"):
+        assert (stats["prefix_cache_hits"] > 0) == (variant != "async")
+    if variant == "plain":
+        assert stats["prefix_cache_hits"] == 0
