@@ -80,3 +80,21 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     qg = q.view(t, kvh, g, d).permute(1, 2, 0, 3).reshape(kvh, g * t, d).to(k.dtype)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(g, 1), scale=scale)
     return out.view(kvh, g, t, d).permute(2, 0, 1, 3).reshape(t, h, d).to(q.dtype)
+
+
+@torch.library.custom_op("xllm::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode step of a layer as a single opaque op: store the new K/V, attend.
+
+    An opaque op lets a compiled graph call attention without tracing its
+    data-dependent context length. q: (B, h, d); k, v: (B, kvh, d) -> (B, h, d).
+    """
+    write_kv(k_cache, v_cache, k, v, slot_mapping)
+    return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+@decode_attention.register_fake
+def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, scale):
+    return torch.empty_like(q)

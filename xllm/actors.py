@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from .frontend.actor import FrontendActor
 
         actor = FrontendActor(cfg)
+    elif role == "http":
+        from .http.actor import HttpActor
+
+        actor = HttpActor(cfg)
     else:
         raise SystemExit(f"unknown actor role {role!r}")
     configure_logging(actor.name)

@@ -73,10 +73,32 @@ class ParallelConfig:
 
     tp_size: int = 1
     threads_per_worker: int = 0  # torch threads per worker; 0 = cores / tp_size
+    micro_batch_overlap: bool = False  # two micro-batches: all-reduce of one beside compute of the other
 
     def __post_init__(self) -> None:
         if self.tp_size < 1:
             raise ValueError("tp_size must be at least 1")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP shim (``xllm.http``); ``port`` 0 means no shim."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # TCP port of the HTTP server; 0: the deployment has no HTTP shim
+    max_body_bytes: int = 4 * 2**20  # larger request bodies are answered 413
+    request_timeout_s: float = 600.0  # a request still running after this is aborted (408)
+    max_concurrent_requests: int = 0  # HTTP requests in flight at most (more get 429); 0: no cap
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"the HTTP port must be in [0, 65535], got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be at least 1024")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be positive")
+        if self.max_concurrent_requests < 0:
+            raise ValueError("max_concurrent_requests must be >= 0 (0: no cap)")
 
 
 @dataclass(frozen=True)
@@ -121,6 +143,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     addresses: Addresses = field(default_factory=lambda: Addresses("", ""))
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

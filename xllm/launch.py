@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import (POLICIES, Addresses, CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
-                     SchedulerConfig, read_hf_config)
+from .config import (POLICIES, Addresses, CacheConfig, EngineConfig, HttpConfig, ModelConfig,
+                     ParallelConfig, SchedulerConfig, read_hf_config)
 from .models.spec import DecoderSpec
 
 log = logging.getLogger("xllm.launch")
@@ -59,10 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan each step only after the previous one finished")
     s.add_argument("--max-queued-requests", type=int, default=10_000,
                    help="waiting requests beyond this are refused")
+    h = p.add_argument_group("HTTP (the OpenAI-compatible shim)")
+    h.add_argument("--http-port", type=int, default=0,
+                   help="serve the OpenAI-compatible HTTP API on this port (0: no HTTP server)")
+    h.add_argument("--http-host", default="127.0.0.1", help="address the HTTP server listens on")
+    h.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                   help="larger HTTP request bodies are answered 413")
+    h.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds an HTTP request may run before it is aborted (408)")
+    h.add_argument("--http-max-concurrent", type=int, default=0,
+                   help="HTTP requests in flight at most; more are answered 429 (0: no cap)")
     d = p.add_argument_group("deployment")
     d.add_argument("--address", default=DEFAULT_ADDRESS,
                    help="where SDK clients connect (tcp://HOST:PORT or ipc://PATH)")
     d.add_argument("--tp", type=int, default=1, help="tensor-parallel worker processes")
+    d.add_argument("--micro-batch-overlap", action="store_true",
+                   help="split each step in two micro-batches so one's all-reduce overlaps the "
+                        "other's compute (with --tp > 1)")
     d.add_argument("--threads-per-worker", type=int, default=0,
                    help="torch threads per worker (0: CPU cores / tp)")
     d.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for ready")
@@ -103,8 +116,12 @@ def resolve_config(args: argparse.Namespace, run_dir: str) -> EngineConfig:
                                   max_num_batched_tokens=args.max_num_batched_tokens,
                                   policy=args.policy, async_scheduling=not args.no_async_scheduling,
                                   max_queued_requests=args.max_queued_requests),
-        parallel=ParallelConfig(tp_size=args.tp, threads_per_worker=args.threads_per_worker),
+        parallel=ParallelConfig(tp_size=args.tp, threads_per_worker=args.threads_per_worker,
+                                micro_batch_overlap=args.micro_batch_overlap),
         addresses=Addresses(frontend=args.address, run_dir=run_dir),
+        http=HttpConfig(host=args.http_host, port=args.http_port, max_body_bytes=args.max_body_bytes,
+                        request_timeout_s=args.request_timeout,
+                        max_concurrent_requests=args.http_max_concurrent),
     )
 
 
@@ -125,10 +142,13 @@ async def serve(cfg: EngineConfig, config_file: Path, args: argparse.Namespace) 
             log.info("stopped while starting")
             return 0
         starting.result()
+        http = f"http://{cfg.http.host}:{cfg.http.port}" if cfg.http.port else None
         if args.ready_file:
-            Path(args.ready_file).write_text(json.dumps({"address": cfg.addresses.frontend, "pids": sup.pids()}))
+            Path(args.ready_file).write_text(json.dumps({"address": cfg.addresses.frontend, "http": http,
+                                                         "pids": sup.pids()}))
         print(f"xllm: ready; model {cfg.model.served_name} ({cfg.model.dtype}), "
-              f"{cfg.cache.num_blocks} KV blocks; SDK address {cfg.addresses.frontend}", flush=True)
+              f"{cfg.cache.num_blocks} KV blocks; SDK address {cfg.addresses.frontend}"
+              + (f"; HTTP {http}" if http else ""), flush=True)
         await sup.watch(stop)
         log.info("shutting down")
         return 0

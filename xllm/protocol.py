@@ -239,6 +239,7 @@ class RequestRejected(msgspec.Struct, tag="rejected"):
 
     req_id: str
     message: str
+    code: str = "bad_request"  # or "overloaded" when the queue is full
 
 
 FrontendInput = Union[TokenBatch, RequestRejected, ControlReply]

@@ -59,6 +59,8 @@ class Supervisor:
         light = {**base, "OMP_NUM_THREADS": "1"}
         actors.append(ActorProcess("scheduler", py + ["scheduler", str(config_file)], light))
         actors.append(ActorProcess("frontend", py + ["frontend", str(config_file)], light))
+        if cfg.http.port:
+            actors.append(ActorProcess("http", py + ["http", str(config_file)], light))
         return actors
 
     # -- start ------------------------------------------------------------------------------
@@ -86,14 +88,22 @@ class Supervisor:
                 self.ready[msg.name] = msg
                 log.info("%s ready (pid %d)", msg.name, msg.pid)
             case ActorFailed():
+                # NOTE: a dead actor makes its peers fail too (a broken collective, a step
+                # error); name the dead one, the root cause, when there is one.
+                await asyncio.sleep(0.5)
+                self._check_alive(also=f"; then actor {msg.name} failed: {msg.message}")
                 raise DeploymentFailed(f"actor {msg.name} failed: {msg.message}")
 
-    def _check_alive(self) -> None:
+    def _check_alive(self, also: str = "") -> None:
+        for a in self.actors:
+            code = a.proc.poll() if a.proc else None
+            if code is not None and code < 0:  # killed by a signal: the root cause first
+                raise DeploymentFailed(
+                    f"actor {a.name} (pid {a.proc.pid}) died with signal {signal.Signals(-code).name}{also}")
         for a in self.actors:
             code = a.proc.poll() if a.proc else None
             if code is not None:
-                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-                raise DeploymentFailed(f"actor {a.name} (pid {a.proc.pid}) died with {how}")
+                raise DeploymentFailed(f"actor {a.name} (pid {a.proc.pid}) died with exit code {code}{also}")
 
     # -- serve ------------------------------------------------------------------------------
     async def watch(self, stop: asyncio.Event) -> None:

@@ -97,6 +97,10 @@ class FrontendActor(Actor):
                     await self._submit(client, msg)
                 except ValueError as exc:
                     await self.clients.send_to(client, ErrorReply("bad_request", str(exc), msg.req_id))
+                except Exception as exc:  # noqa: BLE001 - e.g. a chat template that raises
+                    log.warning("refused request %s: %r", msg.req_id, exc)
+                    await self.clients.send_to(client, ErrorReply(
+                        "bad_request", f"{type(exc).__name__}: {exc}", msg.req_id))
             case AbortRequest():
                 rid = self.by_client.get((client, msg.req_id))
                 if rid is not None:
@@ -195,7 +199,7 @@ class FrontendActor(Actor):
                 stream = self._close(msg.req_id)
                 if stream is not None:
                     await self.clients.send_to(stream.client, ErrorReply(
-                        "bad_request", msg.message, stream.client_req_id))
+                        msg.code, msg.message, stream.client_req_id))
             case ControlReply():
                 client, call_id = self.pending_calls.pop(msg.call_id, (None, 0))
                 if client is not None:

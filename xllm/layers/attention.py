@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from xllm_ops import paged_decode_attention, paged_prefill_attention, prefill_attention, write_kv
+from xllm_ops import (decode_attention, paged_decode_attention, paged_prefill_attention,
+                      prefill_attention, write_kv)
 
 
 @dataclass
@@ -57,10 +58,10 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: (T, h, d); k, v: (T, kvh, d) -> (T, h, d)."""
         kc, vc = self.k_cache, self.v_cache
-        write_kv(kc, vc, k, v, meta.slot_mapping)
         if meta.all_decode:
-            return paged_decode_attention(q, kc, vc, meta.decode_block_tables, meta.decode_seq_lens,
-                                          self.scale, meta.max_decode_len)
+            return decode_attention(q, k, v, kc, vc, meta.slot_mapping, meta.decode_block_tables,
+                                    meta.decode_seq_lens, self.scale)
+        write_kv(kc, vc, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.decode_rows is not None:
             out[meta.decode_rows] = paged_decode_attention(

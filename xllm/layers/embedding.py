@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xllm_ops import linear as packed_linear
+
 from .parallel import SINGLE, TPGroup
 
 
@@ -35,6 +37,12 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Hidden states -> logits over the full vocabulary (gathered from every rank)."""
 
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """Pack the (possibly tied) weight for the matrix engine; the embedding keeps its own."""
+        self.packed = packed_linear.pack(self.weight.data)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden, self.weight)  # (N, vocab / tp)
+        out = packed_linear.linear(hidden, self.weight, self.packed)  # (N, vocab / tp)
         return self.tp.all_gather_last(out)

@@ -8,13 +8,29 @@ rank's slice, so model files only say which checkpoint names feed which layer.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from xllm_ops import linear as packed_linear
 
 from .parallel import SINGLE, TPGroup
 
 
-class ColumnParallelLinear(nn.Module):
+class PackableLinear(nn.Module):
+    """A weight that can be packed for the device's matrix engine once it is loaded."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """Pack the loaded weight (call after loading, before serving)."""
+        self.packed = packed_linear.pack(self.weight.data)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return packed_linear.linear(x, self.weight, self.packed, bias)
+
+
+class ColumnParallelLinear(PackableLinear):
     """Output features split over ranks; each rank keeps its slice of the output."""
 
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPGroup = SINGLE,
@@ -28,7 +44,7 @@ class ColumnParallelLinear(nn.Module):
                                  requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
     def load(self, part: int, tensor: torch.Tensor, is_bias: bool = False) -> None:
         """Copy this rank's rows of checkpoint part ``part`` (e.g. q=0, k=1, v=2)."""
@@ -60,14 +76,13 @@ class QKVParallelLinear(ColumnParallelLinear):
         target.data[offset:offset + size].copy_(tensor.narrow(0, start, size))
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackableLinear):
     """Input features split over ranks; partial outputs are summed (all-reduce)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup = SINGLE,
-                 dtype: torch.dtype = torch.float32, reduce: bool = True) -> None:
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.tp = tp
-        self.reduce = reduce  # False: the caller sums (e.g. to overlap the all-reduce)
         self.in_local = tp.shard(in_features)[1]
         self.weight = nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype),
                                    requires_grad=False)
@@ -75,10 +90,12 @@ class RowParallelLinear(nn.Module):
                                  requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output; the caller sums it over the ranks."""
         # NOTE: the bias is added once, on rank 0, so the sum over ranks has it once.
-        bias = self.bias if self.tp.rank == 0 else None
-        out = F.linear(x, self.weight, bias)
-        return self.tp.all_reduce(out) if self.reduce else out
+        return self.matmul(x, self.bias if self.tp.rank == 0 else None)
 
     def load(self, part: int, tensor: torch.Tensor, is_bias: bool = False) -> None:
         if is_bias:

@@ -35,7 +35,9 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, s.head_dim, s.head_dim ** -0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
+                partial: bool = False) -> torch.Tensor:
+        """x: (T, hidden). With ``partial`` the output is this rank's unreduced share."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # (T, h, d)
@@ -44,8 +46,8 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, meta)  # (T, h, d)
-        return self.o_proj(out.reshape(t, -1))
+        out = self.attn(q, k, v, meta).reshape(t, -1)  # (T, h * d)
+        return self.o_proj.partial(out) if partial else self.o_proj(out)
 
 
 class LlamaMLP(nn.Module):
@@ -55,8 +57,9 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(s.hidden_size, [n, n], s.mlp_bias, tp, dtype)
         self.down_proj = RowParallelLinear(n, s.hidden_size, s.mlp_bias, tp, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, partial: bool = False) -> torch.Tensor:
+        h = silu_and_mul(self.gate_up_proj(x))
+        return self.down_proj.partial(h) if partial else self.down_proj(h)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -92,6 +95,12 @@ class LlamaForCausalLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def prepare_for_serving(self) -> None:
+        """Pack linear weights for the matrix engine (after ``load_weights``)."""
+        for module in self.modules():
+            if hasattr(module, "pack"):
+                module.pack()
+
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.layers]
 
@@ -101,6 +110,14 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             x = layer(positions, x, meta)
         return self.norm(x)
+
+    def forward_micro_batches(self, batches: list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]],
+                              tp: TPGroup) -> list[torch.Tensor]:
+        """Like ``forward`` for several micro-batches at once, each one's all-reduces running
+        while the next computes (see ``xllm.models.microbatch``)."""
+        from .microbatch import run_overlapped
+
+        return run_overlapped(self, batches, tp)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) float32."""

@@ -82,8 +82,10 @@ class SchedulerActor(Actor):
             case TokenizedRequest():
                 try:
                     self.core.add_request(msg)
-                except (ValueError, OverflowError) as exc:
+                except ValueError as exc:
                     await self.to_frontend.send(RequestRejected(msg.req_id, str(exc)))
+                except OverflowError as exc:
+                    await self.to_frontend.send(RequestRejected(msg.req_id, str(exc), "overloaded"))
             case AbortRequest():
                 req = self.core.abort(msg.req_id)
                 if req is not None:

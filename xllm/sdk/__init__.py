@@ -2,8 +2,8 @@
 
 from ..protocol import ChatMessage, RequestDelta, SamplingParams
 from .client import AsyncClient, Completion
-from .errors import BadRequestError, EngineUnavailableError, XllmError
+from .errors import BadRequestError, EngineUnavailableError, OverloadedError, XllmError
 from .sync import Client
 
 __all__ = ["AsyncClient", "Client", "Completion", "RequestDelta", "SamplingParams", "ChatMessage",
-           "XllmError", "BadRequestError", "EngineUnavailableError"]
+           "XllmError", "BadRequestError", "EngineUnavailableError", "OverloadedError"]

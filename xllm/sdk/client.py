@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -70,9 +71,9 @@ class AsyncClient:
         if messages is not None:
             messages = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in messages]
         try:
-            params = SamplingParams(**sampling)
-        except TypeError as exc:
-            raise TypeError(f"unknown sampling parameter: {exc}") from None
+            params = msgspec.convert(sampling, SamplingParams)  # checks names and types
+        except msgspec.ValidationError as exc:
+            raise TypeError(f"bad sampling parameter: {exc}") from None
         return GenerateRequest(req_id or f"{self._prefix}-{next(self._ids)}", prompt, prompt_token_ids,
                                messages, params, stream, priority, offline)
 

@@ -17,10 +17,14 @@ class BadRequestError(XllmError):
     """The request was invalid (the message names the field or limit)."""
 
 
+class OverloadedError(XllmError):
+    """The engine's queue is full; try again later."""
+
+
 class EngineUnavailableError(XllmError):
     """No answer from the deployment within the timeout."""
 
 
 def error_for(code: str, message: str, req_id: str | None = None) -> XllmError:
-    cls = BadRequestError if code == "bad_request" else XllmError
+    cls = {"bad_request": BadRequestError, "overloaded": OverloadedError}.get(code, XllmError)
     return cls(code, message, req_id)

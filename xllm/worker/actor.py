@@ -45,7 +45,8 @@ class WorkerActor(Actor):
         self.results = (self.channel(zmq.PUSH, self.cfg.addresses.results, bind=False)
                         if self.rank == 0 else None)
         hf = read_hf_config(self.cfg.model.path)
-        self.runner = await asyncio.to_thread(ModelRunner, self.cfg.model, self.cfg.cache, hf, tp)
+        self.runner = await asyncio.to_thread(ModelRunner, self.cfg.model, self.cfg.cache, hf, tp,
+                                              par.micro_batch_overlap)
         return {"rank": self.rank, "threads": threads}
 
     def _init_tp(self) -> TPGroup:

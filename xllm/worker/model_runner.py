@@ -58,15 +58,17 @@ class ModelRunner:
     """Owns the model weights, the KV cache and the per-request state of one rank."""
 
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, hf_config: dict,
-                 tp: TPGroup = SINGLE) -> None:
+                 tp: TPGroup = SINGLE, micro_batch_overlap: bool = False) -> None:
         self.spec = DecoderSpec.from_hf(hf_config)
         self.dtype = DTYPES[model_cfg.dtype]
         self.block_size = cache_cfg.block_size
         self.tp = tp
+        self.micro_batch_overlap = micro_batch_overlap and tp.size > 1
         t0 = time.perf_counter()
         self.model = model_class(self.spec.architecture)(self.spec, tp, self.dtype)
         self.model.load_weights(iter_weights(model_cfg.path, self.dtype))
         self.model.eval()
+        self.model.prepare_for_serving()
         log.info("loaded %s in %.1f s", self.spec.architecture, time.perf_counter() - t0)
         allocate_kv_cache(self.model.attention_layers(), cache_cfg.num_blocks, self.block_size, self.dtype)
         self.sampler = Sampler(model_cfg.seed)
@@ -104,6 +106,8 @@ class ModelRunner:
         batch = SamplingBatch.build([s.sampling for s in states], [s.generator for s in states],
                                     self.spec.vocab_size)
         sampled = self.sampler(logits, batch)
+        if self.tp.size > 1:  # every rank keeps rank 0's tokens, whatever its own floats said
+            torch.distributed.broadcast(sampled, src=0, group=self.tp.group)
         tokens = sampled.tolist()
         for state, tok in zip(states, tokens):
             state.token_ids.append(tok)
@@ -121,16 +125,29 @@ class ModelRunner:
         """Apply the plan's state changes and run the forward pass: the requests that sample
         this step and their (S, vocab) float32 logits."""
         self._apply_plan_state(plan)
-        if not plan.scheduled_req_ids:
+        ids, n_sched, n_comp = plan.scheduled_req_ids, plan.num_scheduled, plan.num_computed
+        if not ids:
             return [], torch.empty(0)
-        inp = self._prepare(plan)
+        if self.micro_batch_overlap and len(ids) > 1:
+            return self._micro_batch_logits(ids, n_sched, n_comp)
+        inp = self._prepare(ids, n_sched, n_comp)
         hidden = self.model(inp.input_ids, inp.positions, inp.meta)
         return inp.sample_req_ids, self.model.compute_logits(hidden[inp.sample_rows])
 
-    def _prepare(self, plan: StepPlan) -> "StepInputs":
-        ids = plan.scheduled_req_ids
-        n_sched = np.asarray(plan.num_scheduled, dtype=np.int64)
-        n_comp = np.asarray(plan.num_computed, dtype=np.int64)
+    def _micro_batch_logits(self, ids, n_sched, n_comp) -> tuple[list[str], torch.Tensor]:
+        """Two micro-batches of about equal token counts, run overlapped."""
+        half = int(np.searchsorted(np.cumsum(n_sched), sum(n_sched) / 2)) + 1
+        half = min(max(half, 1), len(ids) - 1)
+        parts = [self._prepare(ids[:half], n_sched[:half], n_comp[:half]),
+                 self._prepare(ids[half:], n_sched[half:], n_comp[half:])]
+        hiddens = self.model.forward_micro_batches(
+            [(p.input_ids, p.positions, p.meta) for p in parts], self.tp)
+        logits = [self.model.compute_logits(h[p.sample_rows]) for h, p in zip(hiddens, parts)]
+        return parts[0].sample_req_ids + parts[1].sample_req_ids, torch.cat(logits)
+
+    def _prepare(self, ids: list[str], num_scheduled: list[int], num_computed: list[int]) -> "StepInputs":
+        n_sched = np.asarray(num_scheduled, dtype=np.int64)
+        n_comp = np.asarray(num_computed, dtype=np.int64)
         states = [self.requests[r] for r in ids]
         ends = n_comp + n_sched
         total = int(n_sched.sum())

@@ -1,0 +1,82 @@
+"""Kernels in ``ops/`` against their plain-torch references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xllm_ops import linear, paged_decode_attention, paged_prefill_attention, prefill_attention, write_kv
+from xllm_ops.reference import attention_one_sequence, gather_sequence
+
+BS, KVH, H, D = 4, 2, 6, 8
+
+
+def paged_sequences(lengths: list[int], dtype=torch.float32, seed: int = 0):
+    """Random K/V for each sequence, scattered into shuffled cache blocks."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = sum(-(-n // BS) for n in lengths) + 3
+    k_cache = torch.zeros(n_blocks, BS, KVH, D, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    order = torch.randperm(n_blocks, generator=g).tolist()
+    tables, seqs = [], []
+    for n in lengths:
+        blocks = [order.pop() for _ in range(-(-n // BS))]
+        k = torch.randn(n, KVH, D, generator=g).to(dtype)
+        v = torch.randn(n, KVH, D, generator=g).to(dtype)
+        slots = torch.tensor([blocks[p // BS] * BS + p % BS for p in range(n)])
+        write_kv(k_cache, v_cache, k, v, slots)
+        tables.append(blocks)
+        seqs.append((k, v))
+    return k_cache, v_cache, tables, seqs
+
+
+def test_write_kv_places_tokens_by_block_table():
+    k_cache, v_cache, tables, seqs = paged_sequences([5, 9])
+    for table, (k, v) in zip(tables, seqs):
+        assert torch.equal(gather_sequence(k_cache, table, len(k)), k)
+        assert torch.equal(gather_sequence(v_cache, table, len(v)), v)
+
+
+@pytest.mark.parametrize("lengths", [[1], [3, 17, 8], [12, 1, 30, 4]])
+def test_paged_decode_attention(lengths):
+    k_cache, v_cache, tables, seqs = paged_sequences(lengths)
+    q = torch.randn(len(lengths), H, D)
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    out = paged_decode_attention(q, k_cache, v_cache, table, torch.tensor(lengths), 1 / math.sqrt(D))
+    for i, (k, v) in enumerate(seqs):
+        ref = attention_one_sequence(q[i:i + 1], k, v, num_context=len(k) - 1)
+        torch.testing.assert_close(out[i:i + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("context,chunk", [(0, 7), (5, 1), (8, 6), (13, 9)])
+def test_paged_prefill_attention_over_cached_context(context, chunk):
+    k_cache, v_cache, tables, seqs = paged_sequences([context + chunk])
+    k, v = seqs[0]
+    q = torch.randn(chunk, H, D)
+    out = paged_prefill_attention(q, k_cache, v_cache, torch.tensor(tables[0]), context, 1 / math.sqrt(D))
+    ref = attention_one_sequence(q, k, v, num_context=context)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if context == 0:
+        torch.testing.assert_close(prefill_attention(q, k, v, 1 / math.sqrt(D)), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 33])
+def test_packed_linear_matches_f_linear(rows):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    b = torch.randn(96, generator=g).bfloat16()
+    x = torch.randn(rows, 64, generator=g).bfloat16()
+    packed = linear.pack(w)
+    assert (packed is not None) == torch.backends.mkldnn.is_available()
+    ref = F.linear(x.float(), w.float(), b.float())
+    out = linear.linear(x, w, packed, b)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.02)  # bf16 output rounding
+
+
+def test_packing_skips_float32():
+    assert linear.pack(torch.randn(4, 4)) is None

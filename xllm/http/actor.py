@@ -1,0 +1,79 @@
+"""The HTTP shim actor: an OpenAI-compatible HTTP server that is an SDK client.
+
+It binds its TCP socket and learns the served model (``model_info``) in ``setup``, so
+the launcher's "ready" means the HTTP API answers; then uvicorn serves the FastAPI app
+of ``routes`` inside this actor's own event loop. Everything it asks of the engine goes
+through one shared ``AsyncClient`` connected to the frontend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import uvicorn
+
+from ..bus.actor import Actor
+from ..config import EngineConfig
+from ..sdk import AsyncClient
+from ..sdk.errors import EngineUnavailableError
+from .metrics import Metrics
+from .routes import ShimState, build_app
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the actor base owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class HttpActor(Actor):
+    """Serves ``/v1/completions``, ``/v1/chat/completions`` and friends over HTTP."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        super().__init__("http", cfg.addresses.launcher)
+        self.cfg = cfg
+
+    async def setup(self) -> dict:
+        http = self.cfg.http
+        self.client = AsyncClient(self.cfg.addresses.frontend)
+        info = await self._model_info()
+        self.sock = socket.socket(socket.AF_INET6 if ":" in http.host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((http.host, http.port))
+        self.sock.listen(2048)  # NOTE: before "ready": clients connecting early wait, not fail
+        self.state = ShimState(self.client, http, info["name"], info["max_model_len"], info["vocab_size"],
+                               Metrics(info["name"]))
+        config = uvicorn.Config(build_app(self.state), lifespan="off", log_config=None, log_level="warning",
+                                access_log=False, timeout_graceful_shutdown=2)
+        self.server = _Server(config)
+        url = f"http://{http.host}:{self.sock.getsockname()[1]}"
+        log.info("serving the OpenAI-compatible API of %s at %s", info["name"], url)
+        return {"url": url}
+
+    async def _model_info(self) -> dict:
+        """The frontend's ``model_info``; waits for the frontend to come up."""
+        while True:
+            try:
+                return await self.client.call("model_info", timeout=2.0)
+            except EngineUnavailableError:
+                log.info("waiting for the frontend at %s", self.cfg.addresses.frontend)
+
+    async def run(self) -> None:
+        serving = asyncio.ensure_future(self.server.serve(sockets=[self.sock]))
+        try:
+            await asyncio.shield(serving)
+        except asyncio.CancelledError:
+            self.state.shut_down()  # answers in progress end with a 503 error
+            self.server.should_exit = True
+            await asyncio.wait({serving}, timeout=5)
+            raise
+        finally:
+            self.sock.close()
+            await self.client.close()

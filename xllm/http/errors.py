@@ -1,0 +1,75 @@
+"""HTTP errors in the OpenAI shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+Every refusal of the shim is an ``ApiError``; the app's exception handler turns it into a
+JSON response. SDK errors and msgspec decode errors are mapped here, in one place.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+from starlette.responses import Response
+
+from ..sdk.errors import XllmError
+
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+          408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          499: "client_closed_request", 500: "internal_error", 503: "service_unavailable"}
+_PATH = re.compile(r"at `\$\.?([^`]*)`|field `([^`]*)`")
+
+
+class ApiError(Exception):
+    """A request refused with an HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict:
+        """The ``{"error": {...}}`` object (also used as an SSE error event)."""
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> Response:
+        """The JSON response for this error."""
+        return Response(msgspec.json.encode(self.body()), status_code=self.status,
+                        media_type="application/json")
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected; its requests were aborted."""
+
+
+def from_decode(exc: Exception) -> ApiError:
+    """A body that is not JSON, not UTF-8, or does not fit the schema: 400 naming the field."""
+    if isinstance(exc, msgspec.ValidationError):
+        m = _PATH.search(str(exc))
+        param = (m.group(1) or m.group(2)) if m else None
+        return ApiError(400, f"invalid request body: {exc}", "invalid_type", param or None)
+    if isinstance(exc, UnicodeDecodeError):
+        return ApiError(400, "the request body is not valid UTF-8", "invalid_encoding")
+    return ApiError(400, f"the request body is not valid JSON: {exc}", "invalid_json")
+
+
+def from_sdk(exc: XllmError) -> ApiError:
+    """An error the engine sent back for one request."""
+    if exc.code == "overloaded":
+        return ApiError(429, f"the engine is overloaded: {exc.message}", "queue_full")
+    if exc.code in ("bad_request", "control_error"):
+        return ApiError(400, exc.message.removeprefix("bad_request: "), "bad_request")
+    if exc.code == "not_found":
+        return ApiError(404, exc.message, "not_found")
+    if exc.code == "timeout":
+        return ApiError(503, exc.message, "engine_unavailable")
+    return ApiError(500, exc.message, exc.code)
+
+
+def timeout_error(seconds: float) -> ApiError:
+    """The request ran past its deadline and was aborted."""
+    return ApiError(408, f"the request did not finish within {seconds:g} s and was aborted",
+                    "request_timeout")

@@ -1,0 +1,171 @@
+"""OpenAI response bodies and stream chunks, built from the SDK's ``RequestDelta``s.
+
+A format keeps one ``ChoiceState`` per choice. ``feed`` folds a delta into its state and
+returns that choice's part of a stream chunk; ``response`` is the whole non-streaming
+body. Completions and chat differ only in how a choice and its logprobs look.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ..protocol import RequestDelta, TokenLogprob
+from .params import Choice
+
+
+@dataclass
+class ChoiceState:
+    """What one choice produced so far."""
+
+    prompt_index: int
+    prefix: str = ""  # text put before the output (completions' echo), sent with the first chunk
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # None until the engine sends any
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    offset: int = 0  # characters before the next token (completions' text_offset)
+    started: bool = False  # the first delta of this choice was fed (the prefix went with it)
+
+
+class Format:
+    """The parts common to completions and chat: ids, states, usage, chunk envelopes."""
+
+    id_prefix = ""
+    chunk_object = ""
+
+    def __init__(self, model: str, choices: list[Choice], top_k: int | None,
+                 include_usage: bool = False) -> None:
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.include_usage = include_usage  # stream chunks carry "usage" (null but in the last)
+        self.created = int(time.time())
+        self.model = model
+        self.top_k = top_k  # logprob alternatives per token; None: no logprobs asked for
+        self.states = {c.index: ChoiceState(c.prompt_index) for c in choices}
+
+    def feed(self, index: int, delta: RequestDelta) -> dict | None:
+        """Fold a delta into its choice; returns the choice's chunk part (None: nothing new)."""
+        s = self.states[index]
+        s.num_prompt_tokens = delta.num_prompt_tokens or s.num_prompt_tokens
+        s.num_output_tokens = delta.num_output_tokens
+        s.finish_reason = delta.finish_reason
+        text = delta.text
+        if not s.started:
+            text = s.prefix + text
+        s.text.append(text)
+        new_lp = self._logprobs(s, delta.logprobs or [])
+        if delta.logprobs is not None:
+            s.logprobs = (s.logprobs or []) + delta.logprobs
+        s.started = True
+        if not text and delta.finish_reason is None and not delta.logprobs:
+            return None
+        return self.chunk_choice(index, text, new_lp if delta.logprobs is not None else None,
+                                 delta.finish_reason)
+
+    def usage(self) -> dict:
+        """Token counts: each prompt once, every choice's output."""
+        prompts: dict[int, int] = {}
+        for s in self.states.values():
+            prompts[s.prompt_index] = max(prompts.get(s.prompt_index, 0), s.num_prompt_tokens)
+        prompt = sum(prompts.values())
+        completion = sum(s.num_output_tokens for s in self.states.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    def chunk(self, parts: list[dict], usage: dict | None = None) -> dict:
+        """A stream chunk."""
+        body = {"id": self.id, "object": self.chunk_object, "created": self.created,
+                "model": self.model, "choices": parts}
+        if self.include_usage:
+            body["usage"] = usage
+        return body
+
+    def head(self) -> list[dict]:
+        """Chunks sent before any output (chat's role announcement)."""
+        return []
+
+    # -- per API ----------------------------------------------------------------------------
+    def chunk_choice(self, index: int, text: str, logprobs: dict | None, reason: str | None) -> dict:
+        raise NotImplementedError
+
+    def _logprobs(self, s: ChoiceState, entries: list[TokenLogprob]) -> dict:
+        raise NotImplementedError
+
+    def response(self) -> dict:
+        raise NotImplementedError
+
+
+class CompletionFormat(Format):
+    """``/v1/completions`` bodies; logprobs as tokens / token_logprobs / top_logprobs / offsets."""
+
+    id_prefix = "cmpl"
+    chunk_object = "text_completion"
+
+    def __init__(self, model: str, choices: list[Choice], top_k: int | None,
+                 include_usage: bool = False, echo: list[str] | None = None) -> None:
+        super().__init__(model, choices, top_k, include_usage)
+        for s in self.states.values():
+            s.prefix = echo[s.prompt_index] if echo else ""
+            s.offset = len(s.prefix)
+
+    def chunk_choice(self, index: int, text: str, logprobs: dict | None, reason: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+    def _logprobs(self, s: ChoiceState, entries: list[TokenLogprob]) -> dict:
+        out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            top = {text: lp for _, text, lp in e.top[: self.top_k or 0]}
+            top.setdefault(e.token, e.logprob)
+            out["tokens"].append(e.token)
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(s.offset)
+            s.offset += len(e.token)
+        return out
+
+    def response(self) -> dict:
+        choices = []
+        for index, s in sorted(self.states.items()):
+            lp = None
+            if s.logprobs is not None:
+                lp = self._logprobs(ChoiceState(0, offset=len(s.prefix)), s.logprobs)
+            choices.append({"index": index, "text": "".join(s.text), "logprobs": lp,
+                            "finish_reason": s.finish_reason})
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model, "choices": choices, "usage": self.usage()}
+
+
+class ChatFormat(Format):
+    """``/v1/chat/completions`` bodies; logprobs as ``{"content": [{token, logprob, bytes,
+    top_logprobs}]}``."""
+
+    id_prefix = "chatcmpl"
+    chunk_object = "chat.completion.chunk"
+
+    def head(self) -> list[dict]:
+        parts = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None} for i in sorted(self.states)]
+        return [self.chunk(parts)]
+
+    def chunk_choice(self, index: int, text: str, logprobs: dict | None, reason: str | None) -> dict:
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                "finish_reason": reason}
+
+    def _logprobs(self, s: ChoiceState, entries: list[TokenLogprob]) -> dict:
+        k = self.top_k or 0
+        return {"content": [
+            {"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
+             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
+                              for _, t, lp in e.top[:k]]}
+            for e in entries]}
+
+    def response(self) -> dict:
+        choices = []
+        for index, s in sorted(self.states.items()):
+            lp = self._logprobs(s, s.logprobs) if s.logprobs is not None else None
+            choices.append({"index": index, "message": {"role": "assistant", "content": "".join(s.text)},
+                            "logprobs": lp, "finish_reason": s.finish_reason})
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.model, "choices": choices, "usage": self.usage()}

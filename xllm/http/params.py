@@ -1,0 +1,140 @@
+"""Turn an OpenAI request body into SDK requests: one per output choice.
+
+``n`` choices of one prompt are ``n`` SDK requests; with a seed, choice ``i`` gets
+``seed + i`` so the choices differ and still repeat. Completions may carry several
+prompts; choice ``p * n + i`` is the ``i``-th sample of prompt ``p``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import ApiError
+from .schemas import ChatMessageIn, ChatRequest, CompletionRequest, _Sampling
+
+ROLES = {"system", "user", "assistant", "tool", "developer"}
+MAX_CHOICES = 256  # prompts * n per HTTP request at most
+_FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+           "repetition_penalty")
+
+
+@dataclass
+class Choice:
+    """One SDK request behind one choice of the response."""
+
+    index: int  # the choice's index in the response
+    prompt_index: int  # which prompt of the request it samples
+    kwargs: dict  # keyword arguments of ``AsyncClient.stream``
+
+
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts, each text or token ids; 400 when the shape is mixed or empty."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    if not p:
+        raise ApiError(400, "prompt must not be empty", "invalid_value", "prompt")
+    if all(isinstance(x, int) for x in p):
+        return [list(p)]
+    if all(isinstance(x, str) for x in p) or all(isinstance(x, list) for x in p):
+        if any(isinstance(x, list) and not x for x in p):
+            raise ApiError(400, "a token-id prompt must not be empty", "invalid_value", "prompt")
+        return list(p)
+    raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids, "
+                        "or a list of token-id lists", "invalid_type", "prompt")
+
+
+def completion_choices(req: CompletionRequest, vocab_size: int) -> list[Choice]:
+    """The SDK requests of a completions request."""
+    if req.best_of is not None and req.best_of != req.n:
+        raise ApiError(400, "best_of other than n is not supported", "unsupported", "best_of")
+    if req.echo and req.logprobs is not None:
+        raise ApiError(400, "echo together with logprobs is not supported", "unsupported", "echo")
+    prompts = completion_prompts(req)
+    sampling = _sampling(req, req.max_tokens, req.logprobs, vocab_size)
+    inputs = [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
+    return _fan_out(req, inputs, sampling)
+
+
+def chat_choices(req: ChatRequest, vocab_size: int) -> list[Choice]:
+    """The SDK requests of a chat request."""
+    if req.tools:
+        raise ApiError(400, "tools are not supported", "unsupported", "tools")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise ApiError(400, "only the text response format is supported", "unsupported",
+                       "response_format")
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    sampling = _sampling(req, max_tokens, k, vocab_size)
+    return _fan_out(req, [{"messages": chat_messages(req.messages)}], sampling)
+
+
+def chat_messages(messages: list[ChatMessageIn]) -> list[dict]:
+    """Messages as the SDK takes them (role, content text); 400 for what cannot be served."""
+    if not messages:
+        raise ApiError(400, "messages must not be empty", "invalid_value", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise ApiError(400, f"unknown role {m.role!r}; use one of {sorted(ROLES)}",
+                           "invalid_value", f"messages[{i}].role")
+        if isinstance(m.content, list):
+            if any(part.type != "text" or part.text is None for part in m.content):
+                raise ApiError(400, "only text content parts are supported", "unsupported",
+                               f"messages[{i}].content")
+            content = "\n".join(part.text for part in m.content)
+        else:
+            content = m.content or ""
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
+
+
+def _fan_out(req: _Sampling, inputs: list[dict], sampling: dict) -> list[Choice]:
+    if len(inputs) * req.n > MAX_CHOICES:
+        raise ApiError(400, f"prompts x n must be at most {MAX_CHOICES}", "invalid_value", "n")
+    choices = []
+    for p, given in enumerate(inputs):
+        for i in range(req.n):
+            kw = {**given, **sampling, "priority": req.priority, "offline": req.offline}
+            if req.seed is not None:
+                kw["seed"] = (req.seed + i) % 2**63
+            choices.append(Choice(p * req.n + i, p, kw))
+    return choices
+
+
+def _sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None, vocab: int) -> dict:
+    """``SamplingParams`` keywords; ``None`` values are left out (the engine's defaults)."""
+    for name in _FLOATS:
+        value = getattr(req, name)
+        if value is not None and not math.isfinite(value):
+            raise ApiError(400, f"{name} must be a finite number", "invalid_value", name)
+    top_k = req.top_k
+    if top_k is not None and top_k < 0:
+        if top_k != -1:
+            raise ApiError(400, "top_k must be -1 or 0 (all tokens) or positive", "invalid_value", "top_k")
+        top_k = 0
+    bias = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", "invalid_value",
+                           "logit_bias") from None
+        if not 0 <= token < vocab or not math.isfinite(value):
+            raise ApiError(400, f"logit_bias: token {key} is outside the vocabulary or its bias "
+                                "is not finite", "invalid_value", "logit_bias")
+        bias[token] = value
+    stop_ids = list(req.stop_token_ids or [])
+    if any(t >= vocab for t in stop_ids):
+        raise ApiError(400, "stop_token_ids must be inside the vocabulary", "invalid_value",
+                       "stop_token_ids")
+    kw = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=top_k,
+              min_p=req.min_p, seed=req.seed, stop=[req.stop] if isinstance(req.stop, str) else req.stop,
+              stop_token_ids=stop_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+              include_stop_str_in_output=req.include_stop_str_in_output,
+              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+              repetition_penalty=req.repetition_penalty, logit_bias=bias, logprobs=logprobs)
+    return {k: v for k, v in kw.items() if v is not None}
