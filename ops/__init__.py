@@ -12,4 +12,13 @@ from .paged_attention import (
     write_kv,
 )
 
-__all__ = ["decode_attention", "linear", "paged_decode_attention", "paged_prefill_attention", "prefill_attention", "write_kv"]
+
+
+def warm_up() -> None:
+    """Build or load the compiled kernels now, so the first step does not wait for them."""
+    from .native import kernels
+
+    kernels()
+
+
+__all__ = ["warm_up", "decode_attention", "linear", "paged_decode_attention", "paged_prefill_attention", "prefill_attention", "write_kv"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .native import kernels
+
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
@@ -35,8 +37,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """One query token per sequence.
 
     q: (B, h, d); block_tables: (B, M) int64; seq_lens: (B,) tokens in the cache per row,
-    the new token included. Returns (B, h, d).
+    the new token included. Returns (B, h, d). On the CPU a compiled kernel reads the
+    blocks in place (``csrc/paged_decode.cpp``); elsewhere the torch path gathers them.
     """
+    native = kernels() if q.device.type == "cpu" else None
+    if native is not None:
+        return native.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
+
+
+def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                                 scale: float, max_seq_len: int | None = None) -> torch.Tensor:
+    """``paged_decode_attention`` in plain torch: gathers each row's context, then SDPA."""
     b, h, d = q.shape
     kvh = k_cache.shape[2]
     g = h // kvh

@@ -14,5 +14,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -c "import xllm_ops; xllm_ops.warm_up()"  # compile the C++ kernels once
   echo "$want" > "$stamp"
 fi

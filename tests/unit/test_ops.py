@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xllm_ops import linear, paged_decode_attention, paged_prefill_attention, prefill_attention, write_kv
+from xllm_ops import linear, native, paged_decode_attention, paged_prefill_attention, prefill_attention, write_kv
+from xllm_ops.paged_attention import paged_decode_attention_torch
 from xllm_ops.reference import attention_one_sequence, gather_sequence
 
 BS, KVH, H, D = 4, 2, 6, 8
@@ -40,16 +41,25 @@ def test_write_kv_places_tokens_by_block_table():
         assert torch.equal(gather_sequence(v_cache, table, len(v)), v)
 
 
+def test_the_native_cpu_kernel_builds():
+    assert native.kernels() is not None, "the C++ decode kernel did not build (see the log)"
+
+
+@pytest.mark.parametrize("impl", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lengths", [[1], [3, 17, 8], [12, 1, 30, 4]])
-def test_paged_decode_attention(lengths):
-    k_cache, v_cache, tables, seqs = paged_sequences(lengths)
-    q = torch.randn(len(lengths), H, D)
+def test_paged_decode_attention(lengths, dtype, impl):
+    fn = paged_decode_attention if impl == "native" else paged_decode_attention_torch
+    k_cache, v_cache, tables, seqs = paged_sequences(lengths, dtype)
+    q = torch.randn(len(lengths), H, D).to(dtype)
     width = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    out = paged_decode_attention(q, k_cache, v_cache, table, torch.tensor(lengths), 1 / math.sqrt(D))
+    out = fn(q, k_cache, v_cache, table, torch.tensor(lengths), 1 / math.sqrt(D))
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     for i, (k, v) in enumerate(seqs):
         ref = attention_one_sequence(q[i:i + 1], k, v, num_context=len(k) - 1)
-        torch.testing.assert_close(out[i:i + 1], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[i:i + 1].float(), ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("context,chunk", [(0, 7), (5, 1), (8, 6), (13, 9)])

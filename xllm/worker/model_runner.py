@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import xllm_ops
+
 from ..config import CacheConfig, ModelConfig
 from ..layers.attention import AttentionMetadata, PrefillSpan
 from ..layers.parallel import SINGLE, TPGroup
@@ -69,6 +71,7 @@ class ModelRunner:
         self.model.load_weights(iter_weights(model_cfg.path, self.dtype))
         self.model.eval()
         self.model.prepare_for_serving()
+        xllm_ops.warm_up()
         log.info("loaded %s in %.1f s", self.spec.architecture, time.perf_counter() - t0)
         allocate_kv_cache(self.model.attention_layers(), cache_cfg.num_blocks, self.block_size, self.dtype)
         self.sampler = Sampler(model_cfg.seed)
