@@ -19,6 +19,7 @@ class Owner:
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []
         self.computed = 0
+        self.num_cached_blocks = 0
 
     def known_token_ids(self):
         return self.tokens

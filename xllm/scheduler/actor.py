@@ -17,7 +17,7 @@ from ..bus.codec import DecodeError
 from ..config import EngineConfig
 from ..protocol import (
     AbortRequest, ControlCall, ControlReply, RequestRejected, SchedulerInput, StepResult,
-    TokenBatch, TokenizedRequest, WorkerError, WorkerOutput,
+    TokenizedRequest, WorkerError, WorkerOutput,
 )
 from .scheduler import Scheduler, StepOutputs
 
@@ -96,10 +96,8 @@ class SchedulerActor(Actor):
                 await self.to_frontend.send(self._control(msg))
 
     async def _emit(self, step_id: int, out: StepOutputs) -> None:
-        if out.req_ids:
-            await self.to_frontend.send(TokenBatch(
-                step_id, out.req_ids, out.new_token_ids, out.finish_reasons, out.num_cached_tokens,
-                out.queue_times, out.logprobs if any(x is not None for x in out.logprobs) else []))
+        if out.rows:
+            await self.to_frontend.send(out.to_batch(step_id))
 
     def _control(self, call: ControlCall) -> ControlReply:
         core = self.core

@@ -37,6 +37,7 @@ class BlockOwner(Protocol):
 
     block_ids: list[int]
     block_hashes: list[int]  # hashes of its leading full blocks of known tokens
+    num_cached_blocks: int  # leading blocks already offered to the prefix cache
 
     def known_token_ids(self) -> Sequence[int]: ...
 
@@ -113,9 +114,12 @@ class BlockManager:
         """Enter ``owner``'s full blocks whose KV is computed into the prefix cache."""
         if not self.enable_prefix_caching:
             return
+        n_full = num_computed_tokens // self.block_size
+        if n_full <= owner.num_cached_blocks:
+            return  # no block became full since the last call
         self.update_hashes(owner)
-        n_full = min(num_computed_tokens // self.block_size, len(owner.block_hashes))
-        for i in range(n_full):
+        n_full = min(n_full, len(owner.block_hashes))
+        for i in range(owner.num_cached_blocks, n_full):
             block = owner.block_ids[i]
             if self.block_hash[block] is not None:
                 continue
@@ -125,6 +129,7 @@ class BlockManager:
             self.block_hash[block] = h
             self.cached[h] = block
             self.events.stored.append(h)
+        owner.num_cached_blocks = n_full
 
     # -- allocation ------------------------------------------------------------------------
     def take_prefix(self, owner: BlockOwner, blocks: list[int]) -> None:
@@ -137,6 +142,8 @@ class BlockManager:
 
     def allocate(self, owner: BlockOwner, num_tokens: int) -> bool:
         """Grow ``owner`` to hold ``num_tokens`` tokens; False (and no change) if short."""
+        if num_tokens <= len(owner.block_ids) * self.block_size:
+            return True  # the common decode case: the last block still has room
         need = self.blocks_needed(owner, num_tokens)
         if need > len(self.free_queue):
             return False

@@ -26,8 +26,8 @@ class Request:
         "req_id", "prompt_token_ids", "output_token_ids", "sampling", "eos_token_ids",
         "stop_token_ids", "arrival_time", "priority", "offline", "num_computed_tokens",
         "num_placeholders", "block_ids", "block_hashes", "status", "on_worker",
-        "num_blocks_sent", "num_cached_tokens", "finish_reason", "num_preemptions",
-        "first_scheduled_time",
+        "num_blocks_sent", "num_cached_blocks", "num_cached_tokens", "finish_reason", "num_preemptions",
+        "queue_time",
     )
 
     def __init__(self, msg: TokenizedRequest) -> None:
@@ -47,10 +47,11 @@ class Request:
         self.status = Status.WAITING
         self.on_worker = False  # the workers hold this request's state
         self.num_blocks_sent = 0  # block ids the workers know
+        self.num_cached_blocks = 0  # leading blocks already offered to the prefix cache
         self.num_cached_tokens = -1  # prompt tokens found in the prefix cache (-1: not looked up)
         self.finish_reason: str | None = None
         self.num_preemptions = 0
-        self.first_scheduled_time: float | None = None
+        self.queue_time: float | None = None  # seconds from arrival to the first step that ran it
 
     # -- token counts ---------------------------------------------------------------------
     @property

@@ -13,34 +13,47 @@ from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import CacheConfig, SchedulerConfig
-from ..protocol import NewRequestData, StepPlan, StepResult, TokenizedRequest
+from ..protocol import NewRequestData, StepPlan, StepResult, TokenBatch, TokenizedRequest
 from .block_manager import BlockManager
 from .policy import Policy
 from .request import Request, Status
 
 
-@dataclass
 class StepOutputs:
-    """What a step result means for the frontend (the columns of a ``TokenBatch``)."""
+    """What a step result means for the frontend: one row per request, turned into the
+    columns of a ``TokenBatch`` by ``to_batch``."""
 
-    req_ids: list[str] = field(default_factory=list)
-    new_token_ids: list[list[int]] = field(default_factory=list)
-    finish_reasons: list[str | None] = field(default_factory=list)
-    num_cached_tokens: list[int] = field(default_factory=list)
-    queue_times: list[float] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
 
     def add(self, req: Request, tokens: list[int], reason: str | None, logprobs=None) -> None:
-        self.req_ids.append(req.req_id)
-        self.new_token_ids.append(tokens)
-        self.finish_reasons.append(reason)
-        self.num_cached_tokens.append(max(req.num_cached_tokens, 0))
-        started = req.first_scheduled_time
-        self.queue_times.append(max(0.0, started - req.arrival_time) if started else 0.0)
-        self.logprobs.append(logprobs)
+        self.rows.append((req.req_id, tokens, reason, max(req.num_cached_tokens, 0),
+                          req.queue_time or 0.0, logprobs))
+
+    def _column(self, i: int) -> list:
+        return [row[i] for row in self.rows]
+
+    @property
+    def req_ids(self) -> list[str]:
+        return self._column(0)
+
+    @property
+    def new_token_ids(self) -> list[list[int]]:
+        return self._column(1)
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        return self._column(2)
+
+    def to_batch(self, step_id: int) -> TokenBatch:
+        ids, tokens, reasons, cached, queue, logprobs = map(list, zip(*self.rows))
+        return TokenBatch(step_id, ids, tokens, reasons, cached, queue,
+                          logprobs if any(x is not None for x in logprobs) else [])
 
 
 @dataclass
@@ -214,8 +227,8 @@ class Scheduler:
             elif len(req.block_ids) > req.num_blocks_sent:
                 new_blocks[req.req_id] = req.block_ids[req.num_blocks_sent:]
             req.num_blocks_sent = len(req.block_ids)
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
+            if req.queue_time is None:
+                req.queue_time = max(0.0, now - req.arrival_time)
             ids.append(req.req_id)
             n_sched.append(n)
             n_comp.append(req.num_computed_tokens)
@@ -251,12 +264,13 @@ class Scheduler:
     # -- internals --------------------------------------------------------------------------
     def _enqueue(self, req: Request) -> None:
         req.status = Status.WAITING
-        keys = [self.policy.rank(r) for r in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, self.policy.rank(req)), req)
+        rank = self.policy.rank
+        self.waiting.insert(bisect.bisect(self.waiting, rank(req), key=rank), req)
 
     def _preempt(self, req: Request) -> None:
         self.blocks.free(req)
         req.num_computed_tokens = 0
+        req.num_cached_blocks = 0
         req.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.running.remove(req)
