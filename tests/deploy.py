@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import psutil
 
-from xllm.deployment import Deployment, launch
+from xllm.deployment import Deployment
+from xllm.deployment import launch as launch_deployment
 
 __all__ = ["Deployment", "launch", "wait_gone"]
+
+
+@contextmanager
+def launch(model, tmp: Path, *args: str, graphs: bool = False, **kw) -> Iterator[Deployment]:
+    """``xllm.deployment.launch`` with compiled decode graphs off unless ``graphs`` (compiling
+    takes seconds per batch bucket; one test covers graph mode)."""
+    flags = args if graphs else ("--enforce-eager", *args)
+    with launch_deployment(model, tmp, *flags, **kw) as dep:
+        yield dep
 
 
 def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:

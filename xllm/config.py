@@ -27,6 +27,7 @@ class ModelConfig:
     max_model_len: int = 2048  # prompt + output tokens per request
     served_name: str = ""  # the name clients use; the directory's name by default
     seed: int = 0  # seeds the sampler of requests that bring no seed
+    enforce_eager: bool = False  # no compiled decode graphs: every step runs eagerly
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):

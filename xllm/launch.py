@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--served-model-name", default=None,
                    help="the name clients use (default: the model directory's name)")
     m.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
+    m.add_argument("--enforce-eager", action="store_true",
+                   help="no compiled decode graphs (faster start, slower decode)")
     c = p.add_argument_group("KV cache")
     c.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     c.add_argument("--kv-cache-memory", type=float, default=2.0,
@@ -110,7 +112,8 @@ def resolve_config(args: argparse.Namespace, run_dir: str) -> EngineConfig:
         blocks = min(int(args.kv_cache_memory * 2**30 // block_bytes), useful)
     return EngineConfig(
         model=ModelConfig(path=path, dtype=dtype, max_model_len=max_len,
-                          served_name=args.served_model_name or Path(path).resolve().name, seed=args.seed),
+                          served_name=args.served_model_name or Path(path).resolve().name, seed=args.seed,
+                          enforce_eager=args.enforce_eager),
         cache=CacheConfig(block_size=bs, num_blocks=blocks, enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,

@@ -20,6 +20,7 @@ from ..bus.codec import DecodeError
 from ..config import EngineConfig, read_hf_config
 from ..layers.parallel import SINGLE, TPGroup
 from ..protocol import ControlCall, ControlReply, StepPlan, WorkerError, WorkerInput
+from .graph_runner import default_buckets
 from .model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,13 @@ class WorkerActor(Actor):
         self.results = (self.channel(zmq.PUSH, self.cfg.addresses.results, bind=False)
                         if self.rank == 0 else None)
         hf = read_hf_config(self.cfg.model.path)
+        # NOTE: graphs are single-rank for now: collectives stay eager (tp > 1 runs eagerly)
+        eager = self.cfg.model.enforce_eager or par.tp_size > 1
+        buckets = None if eager else default_buckets(self.cfg.scheduler.max_num_seqs)
         self.runner = await asyncio.to_thread(ModelRunner, self.cfg.model, self.cfg.cache, hf, tp,
-                                              par.micro_batch_overlap)
+                                              par.micro_batch_overlap, buckets)
+        if self.runner.graphs is not None:
+            await asyncio.to_thread(self.runner.graphs.warm_up, self.rank == 0)
         return {"rank": self.rank, "threads": threads}
 
     def _init_tp(self) -> TPGroup:

@@ -23,6 +23,7 @@ from ..models.loader import iter_weights
 from ..models.registry import model_class
 from ..models.spec import DecoderSpec
 from ..protocol import SamplingParams, StepPlan, StepResult
+from .graph_runner import DecodeGraphs
 from .kv_cache import allocate_kv_cache
 from .logits_processors import apply_processors
 from .sampler import Sampler, SamplingBatch, token_logprobs
@@ -60,7 +61,8 @@ class ModelRunner:
     """Owns the model weights, the KV cache and the per-request state of one rank."""
 
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, hf_config: dict,
-                 tp: TPGroup = SINGLE, micro_batch_overlap: bool = False) -> None:
+                 tp: TPGroup = SINGLE, micro_batch_overlap: bool = False,
+                 graph_buckets: list[int] | None = None) -> None:
         self.spec = DecoderSpec.from_hf(hf_config)
         self.dtype = DTYPES[model_cfg.dtype]
         self.block_size = cache_cfg.block_size
@@ -73,9 +75,15 @@ class ModelRunner:
         self.model.prepare_for_serving()
         xllm_ops.warm_up()
         log.info("loaded %s in %.1f s", self.spec.architecture, time.perf_counter() - t0)
-        allocate_kv_cache(self.model.attention_layers(), cache_cfg.num_blocks, self.block_size, self.dtype)
+        # NOTE: one block more than the scheduler hands out: padding rows of graphs use it
+        allocate_kv_cache(self.model.attention_layers(), cache_cfg.num_blocks + 1, self.block_size, self.dtype)
         self.sampler = Sampler(model_cfg.seed)
         self.requests: dict[str, RequestState] = {}
+        self.graphs: DecodeGraphs | None = None
+        if graph_buckets:
+            max_blocks = -(-model_cfg.max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, graph_buckets, max_blocks, cache_cfg.num_blocks,
+                                       self.block_size)
 
     # -- state ------------------------------------------------------------------------------
     def _apply_plan_state(self, plan: StepPlan) -> None:
@@ -134,6 +142,11 @@ class ModelRunner:
         if self.micro_batch_overlap and len(ids) > 1:
             return self._micro_batch_logits(ids, n_sched, n_comp)
         inp = self._prepare(ids, n_sched, n_comp)
+        if self.graphs is not None and inp.meta.all_decode and self.graphs.bucket_for(len(ids)):
+            m = inp.meta
+            logits = self.graphs.run(inp.input_ids, inp.positions, m.slot_mapping,
+                                     m.decode_block_tables, m.decode_seq_lens)
+            return inp.sample_req_ids, logits[inp.sample_rows]
         hidden = self.model(inp.input_ids, inp.positions, inp.meta)
         return inp.sample_req_ids, self.model.compute_logits(hidden[inp.sample_rows])
 
