@@ -51,6 +51,8 @@ class Supervisor:
 
     def _plan(self, cfg: EngineConfig, config_file: Path) -> list[ActorProcess]:
         base = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        # compiled decode graphs survive restarts in inductor's on-disk cache
+        base.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "xllm" / "inductor"))
         py = [sys.executable, "-m", "xllm.actors"]
         tp = cfg.parallel.tp_size
         threads = cfg.parallel.threads_per_worker or max(1, (os.cpu_count() or 1) // tp)

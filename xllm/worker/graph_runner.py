@@ -16,9 +16,7 @@ Prefill and mixed steps run eagerly.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -37,9 +35,8 @@ def default_buckets(max_batch: int) -> list[int]:
 
 
 def configure_compile_cache() -> None:
-    """Point inductor's caches at a stable directory (before the first compile)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                          str(Path.home() / ".cache" / "xllm" / "inductor"))
+    """Settings for compiling decode graphs. (The launcher points ``TORCHINDUCTOR_CACHE_DIR``
+    at ``~/.cache/xllm/inductor`` so compiled graphs survive restarts.)"""
     import torch._inductor.config as inductor
 
     inductor.freezing = True  # constant weights: lets the CPU backend pre-pack them
