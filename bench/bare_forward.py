@@ -1,11 +1,13 @@
 """In-process timing of one decode step, without any engine around it (W5 part A).
 
-Two figures per batch size, on a ``ModelRunner`` built here:
+Up to three figures per batch size, on a ``ModelRunner`` built here:
 
-- bare forward: ``runner.model(input_ids, positions, meta)`` + ``compute_logits`` on a
-  hand-built all-decode batch (the floor any engine pays);
-- runner step: ``runner.execute(plan)`` on a hand-built ``StepPlan`` (the same forward
-  plus building the inputs from the plan and sampling), as the worker runs it.
+- eager forward: ``runner.model(input_ids, positions, meta)`` + ``compute_logits`` on a
+  hand-built all-decode batch;
+- graph forward: the compiled decode graph of that batch size (``runner.graphs.run``),
+  what a worker runs for decode steps unless launched with ``--enforce-eager``;
+- runner step: ``runner.execute(plan)`` on a hand-built ``StepPlan`` (the forward the
+  worker would pick, plus building the inputs from the plan and sampling).
 
 The KV cache holds whatever was written (random prompts are never prefilled): the
 timing of a decode step does not depend on the values.
@@ -13,6 +15,7 @@ timing of a decode step does not depend on the values.
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -38,12 +41,18 @@ def checkpoint_dtype(model_dir: Path) -> str:
 class DecodeBench:
     """A runner holding ``batch`` requests of ``context`` tokens each, ready to decode."""
 
-    def __init__(self, model_dir: Path, batch: int, context: int, iters: int, block_size: int = 16) -> None:
+    def __init__(self, model_dir: Path, batch: int, context: int, iters: int, graphs: bool,
+                 block_size: int = 16) -> None:
         self.batch, self.context, self.bs = batch, context, block_size
         blocks_per_req = -(-(context + iters + 8) // block_size)
         hf = read_hf_config(model_dir)
+        if graphs:  # the launcher's cache of compiled graphs, so this compiles once
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "xllm" / "inductor"))
         self.runner = ModelRunner(ModelConfig(str(model_dir), checkpoint_dtype(model_dir), context + iters + 64),
-                                  CacheConfig(block_size, batch * blocks_per_req + 1), hf)
+                                  CacheConfig(block_size, batch * blocks_per_req + 1), hf,
+                                  graph_buckets=[batch] if graphs else None)
+        if self.runner.graphs is not None:
+            self.runner.graphs.warm_up(progress=False)
         rng = random.Random(batch)
         vocab = self.runner.spec.vocab_size
         self.ids = [f"r{i}" for i in range(batch)]
@@ -61,35 +70,49 @@ class DecodeBench:
         self.runner.execute(plan)
         return time.perf_counter() - t0
 
-    @torch.inference_mode()
-    def bare_forward(self) -> float:
-        """Seconds of the model forward and the logits of one all-decode batch at ``context``."""
+    def _inputs(self) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         b, pos = self.batch, self.context
-        table = torch.tensor(self.tables, dtype=torch.int64)  # (B, M)
+        table = torch.tensor(self.tables, dtype=torch.int64)[:, : pos // self.bs + 1]  # (B, M)
         slots = table[:, pos // self.bs] * self.bs + pos % self.bs  # (B,)
-        meta = AttentionMetadata(slot_mapping=slots, decode_rows=torch.arange(b),
-                                 decode_block_tables=table[:, : pos // self.bs + 1],
+        meta = AttentionMetadata(slot_mapping=slots, decode_rows=torch.arange(b), decode_block_tables=table,
                                  decode_seq_lens=torch.full((b,), pos + 1, dtype=torch.int64),
                                  max_decode_len=pos + 1, all_decode=True)
-        input_ids = torch.randint(0, self.runner.spec.vocab_size, (b,))
-        positions = torch.full((b,), pos, dtype=torch.int64)
+        return torch.randint(0, self.runner.spec.vocab_size, (b,)), torch.full((b,), pos, dtype=torch.int64), meta
+
+    @torch.inference_mode()
+    def eager_forward(self) -> float:
+        """Seconds of the eager model forward and logits of one all-decode batch at ``context``."""
+        input_ids, positions, meta = self._inputs()
         model = self.runner.model
         t0 = time.perf_counter()
-        hidden = model(input_ids, positions, meta)
-        model.compute_logits(hidden)
+        model.compute_logits(model(input_ids, positions, meta))
+        return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def graph_forward(self) -> float:
+        """Seconds of the compiled decode graph on the same batch (NaN without graphs)."""
+        if self.runner.graphs is None:
+            return float("nan")
+        input_ids, positions, meta = self._inputs()
+        t0 = time.perf_counter()
+        self.runner.graphs.run(input_ids, positions, meta.slot_mapping, meta.decode_block_tables,
+                               meta.decode_seq_lens)
         return time.perf_counter() - t0
 
 
-def time_decode(model_dir: Path, batch: int, context: int, iters: int = 20, warmup: int = 3) -> dict:
-    """Median seconds of the bare forward and of the runner step at ``batch`` x ``context``.
+def time_decode(model_dir: Path, batch: int, context: int, graphs: bool = True, iters: int = 20,
+                warmup: int = 3) -> dict:
+    """Median seconds of the eager forward, the graph forward and the runner step.
 
-    The two are interleaved so drift on a noisy machine hits both alike.
+    The three are interleaved so drift on a noisy machine hits them alike.
     """
-    bench = DecodeBench(model_dir, batch, context, iters + warmup)
-    bare, step = [], []
+    bench = DecodeBench(model_dir, batch, context, iters + warmup, graphs)
+    eager, graph, step = [], [], []
     for i in range(iters + warmup):
-        b, s = bench.bare_forward(), bench.runner_step()
+        e, g, s = bench.eager_forward(), bench.graph_forward(), bench.runner_step()
         if i >= warmup:
-            bare.append(b)
+            eager.append(e)
+            graph.append(g)
             step.append(s)
-    return {"bare": statistics.median(bare), "runner": statistics.median(step)}
+    med = statistics.median
+    return {"eager": med(eager), "graph": med(graph), "runner": med(step)}

@@ -253,6 +253,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_launch_args(p: argparse.ArgumentParser) -> None:
+    """``--launch-args``: extra ``xllm-launch`` flags, passed through as one string."""
+    p.add_argument("--launch-args", default="",
+                   help="extra xllm-launch flags as one string; write --launch-args='--flag value'")
+
+
 def resolve_model(model: str) -> Path:
     """A model directory from a path or ``preset:NAME`` (made and cached on first use)."""
     if model.startswith("preset:"):

@@ -17,7 +17,8 @@ import uvloop
 
 from xllm.sdk import AsyncClient
 
-from .common import base_parser, offline_requests, report, resolve_model, summarize, table, vocab_size
+from .common import (add_launch_args, base_parser, offline_requests, report, resolve_model, summarize, table,
+                     vocab_size)
 from .drive import check, deployment, run_concurrent, warm_up
 
 PEERS = {"generate": "transformers generate", "cb": "transformers continuous batching"}
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", default="32,256", help="output length range MIN,MAX")
     p.add_argument("--peers", default="generate,cb", help="comma list of generate, cb; or none")
     p.add_argument("--hf-batch-size", type=int, default=16, help="static batch size of generate")
-    p.add_argument("--launch-args", default="", help="extra xllm-launch flags, one string")
+    add_launch_args(p)
     args = p.parse_args(argv)
     peers = [] if args.peers == "none" else args.peers.split(",")
     if unknown := set(peers) - set(PEERS):

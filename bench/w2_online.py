@@ -24,8 +24,8 @@ import uvloop
 
 from xllm.sdk import AsyncClient
 
-from .common import (BENCH_DIR, BenchRequest, RequestRecord, base_parser, offline_requests, parse_slos,
-                     poisson_offsets, report, resolve_model, summarize, table, vocab_size)
+from .common import (BENCH_DIR, BenchRequest, RequestRecord, add_launch_args, base_parser, offline_requests,
+                     parse_slos, poisson_offsets, report, resolve_model, summarize, table, vocab_size)
 from .drive import deployment, progress
 
 GOOD_FRACTION = 0.9
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--goodput", default="ttft:2000,tpot:100", help="SLOs in ms: ttft, tpot, e2el")
     p.add_argument("--max-seconds", type=float, default=300.0, help="time limit of each rate's run")
     p.add_argument("--plot", default=str(BENCH_DIR / "w2_latency.png"), help="where the PNG goes")
-    p.add_argument("--launch-args", default="", help="extra xllm-launch flags, one string")
+    add_launch_args(p)
     args = p.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     slos = parse_slos(args.goodput)

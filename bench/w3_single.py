@@ -22,7 +22,8 @@ import uvloop
 
 from xllm.sdk import AsyncClient
 
-from .common import BenchRequest, base_parser, random_prompt, report, resolve_model, table, vocab_size
+from .common import (BenchRequest, add_launch_args, base_parser, random_prompt, report, resolve_model, table,
+                     vocab_size)
 from .drive import deployment, stream_request, warm_up
 
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="runs per system; medians are reported")
-    p.add_argument("--launch-args", default="", help="extra xllm-launch flags, one string")
+    add_launch_args(p)
     args = p.parse_args(argv)
     model_dir = resolve_model(args.model)
     vocab = vocab_size(model_dir)

@@ -17,7 +17,8 @@ import uvloop
 
 from xllm.sdk import AsyncClient
 
-from .common import base_parser, report, resolve_model, shared_prefix_requests, summarize, table, vocab_size
+from .common import (add_launch_args, base_parser, report, resolve_model, shared_prefix_requests, summarize,
+                     table, vocab_size)
 from .drive import check, deployment, run_concurrent, stream_request, warm_up
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument("--unique-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--launch-args", default="", help="extra xllm-launch flags for both runs, one string")
+    add_launch_args(p)
     args = p.parse_args(argv)
     model_dir = resolve_model(args.model)
     vocab = vocab_size(model_dir)

@@ -8,7 +8,6 @@ KV state may be half-updated must not keep serving.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 
@@ -49,10 +48,12 @@ class WorkerActor(Actor):
         # NOTE: graphs are single-rank for now: collectives stay eager (tp > 1 runs eagerly)
         eager = self.cfg.model.enforce_eager or par.tp_size > 1
         buckets = None if eager else default_buckets(self.cfg.scheduler.max_num_seqs)
-        self.runner = await asyncio.to_thread(ModelRunner, self.cfg.model, self.cfg.cache, hf, tp,
-                                              par.micro_batch_overlap, buckets)
+        # NOTE: built and compiled on this (the main) thread, the one that runs the steps:
+        # thread counts and packed-weight choices are per thread, and a compiled graph keeps
+        # the thread count it was compiled with.
+        self.runner = ModelRunner(self.cfg.model, self.cfg.cache, hf, tp, par.micro_batch_overlap, buckets)
         if self.runner.graphs is not None:
-            await asyncio.to_thread(self.runner.graphs.warm_up, self.rank == 0)
+            self.runner.graphs.warm_up(progress=self.rank == 0)
         return {"rank": self.rank, "threads": threads}
 
     def _init_tp(self) -> TPGroup:
