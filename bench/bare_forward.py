@@ -100,19 +100,23 @@ class DecodeBench:
         return time.perf_counter() - t0
 
 
+    def measure(self, iters: int = 20, warmup: int = 3) -> dict:
+        """Median seconds of the eager forward, the graph forward and the runner step.
+
+        The three are interleaved so drift on a noisy machine hits them alike.
+        """
+        eager, graph, step = [], [], []
+        for i in range(iters + warmup):
+            e, g, s = self.eager_forward(), self.graph_forward(), self.runner_step()
+            if i >= warmup:
+                eager.append(e)
+                graph.append(g)
+                step.append(s)
+        med = statistics.median
+        return {"eager": med(eager), "graph": med(graph), "runner": med(step)}
+
+
 def time_decode(model_dir: Path, batch: int, context: int, graphs: bool = True, iters: int = 20,
                 warmup: int = 3) -> dict:
-    """Median seconds of the eager forward, the graph forward and the runner step.
-
-    The three are interleaved so drift on a noisy machine hits them alike.
-    """
-    bench = DecodeBench(model_dir, batch, context, iters + warmup, graphs)
-    eager, graph, step = [], [], []
-    for i in range(iters + warmup):
-        e, g, s = bench.eager_forward(), bench.graph_forward(), bench.runner_step()
-        if i >= warmup:
-            eager.append(e)
-            graph.append(g)
-            step.append(s)
-    med = statistics.median
-    return {"eager": med(eager), "graph": med(graph), "runner": med(step)}
+    """``DecodeBench.measure`` on a fresh runner of ``batch`` requests at ``context``."""
+    return DecodeBench(model_dir, batch, context, iters + warmup, graphs).measure(iters, warmup)

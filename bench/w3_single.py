@@ -5,7 +5,8 @@ and the memory-bandwidth bound.
 
 The bound is the bytes of weights one decode step reads (every weight but the input
 embedding, of which one row is read) over the read bandwidth measured in this run by
-summing a large tensor. Figures are medians over the repeats.
+summing a large tensor. The three alternate in rounds (the deployment idles while this
+process runs the eager loop); figures are medians over the rounds.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .common import (BenchRequest, add_launch_args, base_parser, random_prompt, 
 from .drive import deployment, stream_request, warm_up
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 10) -> float:
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Bytes per second of summing a ``gib`` GiB float32 tensor (best of ``repeats``)."""
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
     best = float("inf")
@@ -49,30 +50,28 @@ def decode_weight_bytes(model) -> int:
     return total
 
 
-async def run_xllm(address: str, req: BenchRequest, vocab: int, repeats: int) -> list[tuple[float, float, float]]:
-    """(TTFT, TPOT, E2EL) seconds of each repeat of the single request."""
-    out = []
+async def run_all(address: str, model, req: BenchRequest, vocab: int, repeats: int) -> tuple[list, list, list]:
+    """Per repeat, one after the other: xllm, the eager loop, the read bandwidth.
+
+    The deployment idles (no CPU) while this process runs the eager loop, so alternating
+    lets the machine's drift hit every figure alike. Times are (TTFT, TPOT, E2EL) seconds.
+    """
+    from .peers import hf_decode_loop
+
+    xl, eager, bws = [], [], []
     async with AsyncClient(address) as client:
         await warm_up(client, vocab, n=1)
+        hf_decode_loop(model, req.prompt, 8)
         for _ in range(repeats):
             await client.call("reset_prefix_cache")  # every repeat computes its prompt
             rec = await stream_request(client, req)
             if not rec.ok or rec.output_tokens != req.max_tokens:
                 raise RuntimeError(f"xllm request failed or short: {rec.error or rec.output_tokens}")
-            out.append((rec.ttft, rec.tpot, rec.e2el))
-    return out
-
-
-def run_eager(model, req: BenchRequest, repeats: int) -> list[tuple[float, float, float]]:
-    """(TTFT, TPOT, E2EL) seconds of the eager decode loop, after one warm-up run."""
-    from .peers import hf_decode_loop
-
-    hf_decode_loop(model, req.prompt, 8)
-    out = []
-    for _ in range(repeats):
-        t = hf_decode_loop(model, req.prompt, req.max_tokens)
-        out.append((t[0], (t[-1] - t[0]) / (len(t) - 1), t[-1]))
-    return out
+            xl.append((rec.ttft, rec.tpot, rec.e2el))
+            t = hf_decode_loop(model, req.prompt, req.max_tokens)
+            eager.append((t[0], (t[-1] - t[0]) / (len(t) - 1), t[-1]))
+            bws.append(read_bandwidth())
+    return xl, eager, bws
 
 
 def row(name: str, runs: list[tuple[float, float, float]], n: int, bound: float) -> list:
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3, help="runs per system; medians are reported")
+    p.add_argument("--repeats", type=int, default=5, help="rounds (each system once); medians are reported")
     add_launch_args(p)
     args = p.parse_args(argv)
     model_dir = resolve_model(args.model)
@@ -93,13 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     req = BenchRequest(random_prompt(random.Random(args.seed), args.prompt_len, vocab), args.output_len)
     torch.set_num_threads(os.cpu_count() or 1)  # the worker's default: every core
 
-    with deployment(model_dir, shlex.split(args.launch_args)) as dep:
-        xl = uvloop.run(run_xllm(dep.address, req, vocab, args.repeats))
     from .peers import load_hf
 
     model = load_hf(model_dir)
-    eager = run_eager(model, req, args.repeats)
-    bw = read_bandwidth()
+    with deployment(model_dir, shlex.split(args.launch_args)) as dep:
+        xl, eager, bws = uvloop.run(run_all(dep.address, model, req, vocab, args.repeats))
+    bw = statistics.median(bws)
     weights = decode_weight_bytes(model)
     bound = bw / weights
 
@@ -109,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                   "of the bound"], rows)
     xl_tps = 1 / statistics.median(r[1] for r in xl)
     notes = [f"model {model_dir.name}, {next(model.parameters()).dtype}; prompt {args.prompt_len}, "
-             f"{args.output_len} output tokens; medians of {args.repeats} runs; {torch.get_num_threads()} threads",
+             f"{args.output_len} output tokens; medians of {args.repeats} rounds (xllm, eager loop, bandwidth "
+             f"alternating); {torch.get_num_threads()} threads",
              f"read bandwidth {bw / 1e9:.1f} GB/s (sum of a 1 GiB tensor); decode reads "
              f"{weights / 1e6:.0f} MB of weights per token",
              f"xllm vs the eager loop: {xl_tps * statistics.median(r[1] for r in eager):.2f}× (decode tok/s)"]

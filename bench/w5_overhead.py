@@ -5,7 +5,8 @@
 A: B requests (prompt 128, 128 output tokens, all at once) through a deployment; the
    step time is the wall time of the window where every request is decoding, over the
    steps in it (tokens one request received). The bare forward and the runner step are
-   then timed in this process at the window's middle context (``bench.bare_forward``).
+   timed in this process at the window's middle context (``bench.bare_forward``), in
+   rounds alternating with the engine runs while the idle deployment stays up.
 B: the scheduler core with 1,000 running requests and no model (``bench.sched_only``).
 C: a W1-like workload with async scheduling on and off (``--no-async-scheduling``).
 """
@@ -67,26 +68,36 @@ async def engine_steps(address: str, batches: list[int], prompt_len: int, output
 
 
 def part_a(args, model_dir, vocab) -> tuple[str, list[str]]:
-    from .bare_forward import time_decode
+    import statistics
+
+    from .bare_forward import DecodeBench
 
     max_b = max(args.batches)
     launch = [*shlex.split(args.launch_args), "--max-num-seqs", str(max(max_b, 64))]
     graphs = "--enforce-eager" not in launch
-    with deployment(model_dir, launch) as dep:
-        engine = uvloop.run(engine_steps(dep.address, args.batches, args.prompt_len, args.output_len, vocab,
-                                         args.seed))
     context = args.prompt_len + args.output_len // 2
+    iters, warmup = 10, 2
     rows = []
-    for b in args.batches:
-        t = time_decode(model_dir, b, context, graphs)
-        bare = t["graph"] if graphs else t["eager"]  # the forward the worker runs for decode steps
-        step, n = engine[b]
-        rows.append([b, step * 1000, t["runner"] * 1000, t["graph"] * 1000, t["eager"] * 1000,
-                     f"{(step - bare) / bare:+.0%}", f"{(t['runner'] - bare) / bare:+.0%}", n])
+    with deployment(model_dir, launch) as dep:  # idle (no CPU) while this process times the forwards
+        for b in args.batches:
+            bench = DecodeBench(model_dir, b, context, args.rounds * (iters + warmup), graphs)
+            engine, inproc = [], []
+            for _ in range(args.rounds):  # alternate, so drift of the machine hits both alike
+                engine.append(uvloop.run(engine_steps(dep.address, [b], args.prompt_len, args.output_len,
+                                                      vocab, args.seed))[b])
+                inproc.append(bench.measure(iters, warmup))
+            del bench
+            step = statistics.median(e[0] for e in engine)
+            t = {k: statistics.median(m[k] for m in inproc) for k in inproc[0]}
+            bare = t["graph"] if graphs else t["eager"]  # the forward the worker runs for decode steps
+            rows.append([b, step * 1000, t["runner"] * 1000, t["graph"] * 1000, t["eager"] * 1000,
+                         f"{(step - bare) / bare:+.0%}", f"{(t['runner'] - bare) / bare:+.0%}",
+                         sum(e[1] for e in engine)])
     body = table(["batch", "engine step ms", "runner step ms", "graph forward ms", "eager forward ms",
                   "engine overhead", "runner overhead", "steps measured"], rows)
     notes = [f"A: prompt {args.prompt_len}, {args.output_len} output tokens per request; the forwards and the "
-             f"runner step timed in this process at context {context} (the middle of the window), medians of 20",
+             f"runner step timed in this process at context {context} (the middle of the engine's window); "
+             f"{args.rounds} rounds alternating engine and in-process timings, medians",
              "overhead = (step − bare forward) / bare forward, where the bare forward is the "
              + ("compiled decode graph (what the worker runs)" if graphs else "eager forward (--enforce-eager)")
              + "; runner step = ModelRunner.execute (inputs from the plan + forward + sampling)"]
@@ -135,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8,64", help="A: decode batch sizes")
     p.add_argument("--prompt-len", type=int, default=128, help="A: prompt tokens per request")
     p.add_argument("--output-len", type=int, default=128, help="A: output tokens per request")
+    p.add_argument("--rounds", type=int, default=3, help="A: engine / in-process alternations per batch")
     p.add_argument("--sched-requests", type=int, default=1000, help="B: running requests")
     p.add_argument("--sched-steps", type=int, default=200, help="B: decode steps timed")
     p.add_argument("--c-requests", type=int, default=64, help="C: requests of the W1-like workload")
