@@ -1,7 +1,7 @@
 """W3 single stream: one request (prompt 32, 128 output tokens) against the eager loop
 and the memory-bandwidth bound.
 
-    python -m bench.w3_single [--repeats 3] [--launch-args "..."]
+    python -m bench.w3_single [--repeats 5] [--launch-args="..."]
 
 The bound is the bytes of weights one decode step reads (every weight but the input
 embedding, of which one row is read) over the read bandwidth measured in this run by

@@ -1,6 +1,6 @@
 """W4 shared prefix: 64 requests sharing a 1,024-token prefix, with and without prefix caching.
 
-    python -m bench.w4_prefix [--requests 64] [--launch-args "..."]
+    python -m bench.w4_prefix [--requests 64] [--launch-args="..."]
 
 Each request is the shared prefix plus 32 tokens of its own, and asks for 32 output
 tokens. The first request is sent alone (so the prefix is in the cache), then the

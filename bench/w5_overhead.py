@@ -1,6 +1,6 @@
 """W5 engine overhead: engine step vs bare forward; scheduler alone; async scheduling on/off.
 
-    python -m bench.w5_overhead [--parts A,B,C] [--batches 1,8,64] [--launch-args "..."]
+    python -m bench.w5_overhead [--parts A,B,C] [--batches 1,8,64] [--launch-args="..."]
 
 A: B requests (prompt 128, 128 output tokens, all at once) through a deployment; the
    step time is the wall time of the window where every request is decoding, over the
