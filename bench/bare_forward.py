@@ -25,6 +25,7 @@ import torch
 
 from xllm.config import CacheConfig, ModelConfig, read_hf_config
 from xllm.layers.attention import AttentionMetadata
+from xllm.layers.parallel import SINGLE, TPGroup
 from xllm.protocol import NewRequestData, SamplingParams, StepPlan
 from xllm.worker.model_runner import ModelRunner
 
@@ -42,18 +43,18 @@ class DecodeBench:
     """A runner holding ``batch`` requests of ``context`` tokens each, ready to decode."""
 
     def __init__(self, model_dir: Path, batch: int, context: int, iters: int, graphs: bool,
-                 block_size: int = 16) -> None:
+                 block_size: int = 16, tp: TPGroup = SINGLE, micro_batch_overlap: bool = False) -> None:
         self.batch, self.context, self.bs = batch, context, block_size
         blocks_per_req = -(-(context + iters + 8) // block_size)
         hf = read_hf_config(model_dir)
         if graphs:  # the launcher's cache of compiled graphs, so this compiles once
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "xllm" / "inductor"))
         self.runner = ModelRunner(ModelConfig(str(model_dir), checkpoint_dtype(model_dir), context + iters + 64),
-                                  CacheConfig(block_size, batch * blocks_per_req + 1), hf,
+                                  CacheConfig(block_size, batch * blocks_per_req + 1), hf, tp, micro_batch_overlap,
                                   graph_buckets=[batch] if graphs else None)
         if self.runner.graphs is not None:
             self.runner.graphs.warm_up(progress=False)
-        rng = random.Random(batch)
+        rng = random.Random(batch)  # the same prompts on every TP rank
         vocab = self.runner.spec.vocab_size
         self.ids = [f"r{i}" for i in range(batch)]
         self.tables = [list(range(i * blocks_per_req, (i + 1) * blocks_per_req)) for i in range(batch)]

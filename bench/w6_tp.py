@@ -13,6 +13,13 @@ import sys
 
 import uvloop
 
+import torch
+
+from xllm.config import read_hf_config
+
+from . import collectives
+from .bare_forward import time_decode
+from .collectives import bare_tp_steps, step_collective_ms
 from .common import base_parser, report, resolve_model, table, vocab_size
 from .drive import deployment
 from .w5_overhead import engine_steps
@@ -38,12 +45,29 @@ def main(argv: list[str] | None = None) -> int:
         with deployment(model_dir, ["--enforce-eager", "--max-num-seqs", str(max(batches)), *flags], label) as dep:
             results[label] = uvloop.run(engine_steps(dep.address, batches, args.prompt_len, args.output_len,
                                                      vocab, args.seed))
+    # the same steps without the engine: the runner alone, in this process (tp 1) and in
+    # two bare ranks (tp 2), then the collectives alone
+    torch.set_num_threads(2)
+    bare1 = {b: time_decode(model_dir, b, args.prompt_len + args.output_len // 2, graphs=False)["runner"]
+             for b in batches}
+    bare2 = bare_tp_steps(model_dir, batches, args.prompt_len + args.output_len // 2)
+    hf = read_hf_config(model_dir)
+    comm = collectives.measure(batches, hf["hidden_size"], hf["vocab_size"])
+    layers = hf["num_hidden_layers"]
     base = results[CONFIGS[0][0]]
-    rows = [[label, b, results[label][b][0] * 1000, f"{base[b][0] / results[label][b][0]:.2f}×"]
+    bare = {CONFIGS[0][0]: {b: bare1[b] for b in batches},
+            CONFIGS[1][0]: {b: bare2[(b, False)] for b in batches},
+            CONFIGS[2][0]: {b: bare2[(b, True)] for b in batches}}
+    rows = [[label, b, results[label][b][0] * 1000, f"{base[b][0] / results[label][b][0]:.2f}×",
+             bare[label][b] * 1000, step_collective_ms(comm[b], layers) if "tp 2" in label else "-"]
             for label, _ in CONFIGS for b in batches]
-    body = table(["configuration", "decode batch", "step ms", "speed vs tp 1"], rows)
+    body = table(["configuration", "decode batch", "engine step ms", "speed vs tp 1", "runner alone ms",
+                  "collectives alone ms"], rows)
     notes = [f"model {model_dir.name}; prompt {args.prompt_len}, {args.output_len} output tokens; step = wall time "
              "of the window where every request decodes / steps in it",
+             "runner alone = ModelRunner.execute of the same decode step with nothing else running (tp 2: two "
+             "bare ranks of one thread); collectives alone = the 1 + 2 × layers all-reduces, the logits "
+             "all-gather and the token broadcast of one step, timed in two bare gloo processes",
              "2 cores: tp 2 splits the same two cores between two processes, so it can show the cost of "
              "the collectives and whether overlap hides them, not a speed-up from more hardware"]
     report("W6 tensor parallelism: step time", body, args, notes)
