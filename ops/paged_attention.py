@@ -1,10 +1,14 @@
 """Attention over a paged KV cache.
 
-Layout: ``k_cache`` and ``v_cache`` are ``(num_blocks, block_size, num_kv_heads, head_dim)``;
-token ``t`` of a request lives in block ``block_table[t // block_size]`` at offset
-``t % block_size``. Grouped-query attention is computed without repeating K/V: the
-``num_heads // num_kv_heads`` query heads that share a KV head are laid out as extra
-query rows of that KV head.
+Layout, per layer: ``k_cache`` is ``(num_blocks, num_kv_heads, head_dim, block_size)``
+(each block's keys of one head stored transposed) and ``v_cache`` is
+``(num_blocks, num_kv_heads, block_size, head_dim)``. Token ``t`` of a request lives in
+block ``block_table[t // block_size]`` at offset ``t % block_size``. One block of one head
+is a contiguous run of memory for both, and the transposed keys let the decode kernel
+compute a block's scores as a sum over ``d`` of full rows of ``block_size`` tokens (it
+vectorizes over tokens, with no horizontal sums). Grouped-query attention is computed
+without repeating K/V: the ``num_heads // num_kv_heads`` query heads that share a KV head
+are laid out as extra query rows of that KV head.
 """
 
 from __future__ import annotations
@@ -15,20 +19,32 @@ import torch.nn.functional as F
 from .native import kernels
 
 
+def kv_cache_shapes(num_blocks: int, block_size: int, num_kv_heads: int,
+                    head_dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of one layer's K and V pools."""
+    return (num_blocks, num_kv_heads, head_dim, block_size), (num_blocks, num_kv_heads, block_size, head_dim)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store new keys/values ``(T, kvh, d)`` at flat slots ``(T,)`` of the caches."""
-    kvh, d = k_cache.shape[-2:]
-    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    bs = v_cache.shape[2]
+    blocks, offsets = slot_mapping // bs, slot_mapping % bs
+    # advanced indices on dims 0 and 3 (K) or 0 and 2 (V): the indexed view is (T, kvh, d)
+    k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)
+    v_cache[blocks, :, offsets, :] = v.to(v_cache.dtype)
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, M) block ids -> (B, kvh, length, d) contiguous context of each row."""
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+              length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, M) block ids -> the first ``length`` keys and values of each row, each
+    ``(B, kvh, length, d)`` and contiguous."""
     b = block_table.shape[0]
-    _, bs, kvh, d = cache.shape
-    ctx = cache[block_table].view(b, -1, kvh, d)[:, :length]  # (B, L, kvh, d)
-    return ctx.transpose(1, 2)
+    _, kvh, bs, d = v_cache.shape
+    k = k_cache[block_table].permute(0, 2, 1, 4, 3)  # (B, kvh, M, bs, d)
+    v = v_cache[block_table].transpose(1, 2)  # (B, kvh, M, bs, d)
+    return (k.reshape(b, kvh, -1, d)[:, :, :length].contiguous(),
+            v.reshape(b, kvh, -1, d)[:, :, :length].contiguous())
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -51,11 +67,10 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
                                  scale: float, max_seq_len: int | None = None) -> torch.Tensor:
     """``paged_decode_attention`` in plain torch: gathers each row's context, then SDPA."""
     b, h, d = q.shape
-    kvh = k_cache.shape[2]
+    kvh = k_cache.shape[1]
     g = h // kvh
     length = int(seq_lens.max()) if max_seq_len is None else max_seq_len
-    k = _gather(k_cache, block_tables, length)  # (B, kvh, L, d)
-    v = _gather(v_cache, block_tables, length)
+    k, v = gather_kv(k_cache, v_cache, block_tables, length)  # (B, kvh, L, d)
     mask = torch.arange(length).view(1, 1, 1, length) < seq_lens.view(b, 1, 1, 1)  # (B, 1, 1, L)
     qg = q.view(b, kvh, g, d).to(k.dtype)  # query heads grouped under their KV head
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # (B, kvh, g, d)
@@ -85,11 +100,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     Returns (T, h, d).
     """
     t, h, d = q.shape
-    kvh = k_cache.shape[2]
+    kvh = k_cache.shape[1]
     g = h // kvh
     length = num_context + t
-    k = _gather(k_cache, block_table.view(1, -1), length)[0]  # (kvh, L, d)
-    v = _gather(v_cache, block_table.view(1, -1), length)[0]
+    k, v = (x[0] for x in gather_kv(k_cache, v_cache, block_table.view(1, -1), length))  # (kvh, L, d)
     pos = torch.arange(length)
     mask = pos.view(1, length) <= (num_context + torch.arange(t)).view(t, 1)  # (T, L)
     qg = q.view(t, kvh, g, d).permute(1, 2, 0, 3).reshape(kvh, g * t, d).to(k.dtype)

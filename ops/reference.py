@@ -27,8 +27,11 @@ def attention_one_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-def gather_sequence(cache: torch.Tensor, block_table: list[int], length: int) -> torch.Tensor:
-    """The first ``length`` tokens of one sequence from a paged cache: (length, kvh, d)."""
-    bs = cache.shape[1]
-    rows = [cache[block_table[p // bs], p % bs] for p in range(length)]
-    return torch.stack(rows)
+def gather_sequence(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: list[int],
+                    length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``length`` keys and values of one sequence, token by token from the
+    paged layout (K ``(N, kvh, d, bs)``, V ``(N, kvh, bs, d)``): each (length, kvh, d)."""
+    bs = v_cache.shape[2]
+    keys = [k_cache[block_table[p // bs], :, :, p % bs] for p in range(length)]
+    values = [v_cache[block_table[p // bs], :, p % bs, :] for p in range(length)]
+    return torch.stack(keys), torch.stack(values)

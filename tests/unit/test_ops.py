@@ -9,25 +9,27 @@ import torch
 import torch.nn.functional as F
 
 from xllm_ops import linear, native, paged_decode_attention, paged_prefill_attention, prefill_attention, write_kv
-from xllm_ops.paged_attention import paged_decode_attention_torch
+from xllm_ops.paged_attention import kv_cache_shapes, paged_decode_attention_torch
 from xllm_ops.reference import attention_one_sequence, gather_sequence
 
 BS, KVH, H, D = 4, 2, 6, 8
 
 
-def paged_sequences(lengths: list[int], dtype=torch.float32, seed: int = 0):
+def paged_sequences(lengths: list[int], dtype=torch.float32, seed: int = 0, bs: int = BS, kvh: int = KVH,
+                    d: int = D):
     """Random K/V for each sequence, scattered into shuffled cache blocks."""
     g = torch.Generator().manual_seed(seed)
-    n_blocks = sum(-(-n // BS) for n in lengths) + 3
-    k_cache = torch.zeros(n_blocks, BS, KVH, D, dtype=dtype)
-    v_cache = torch.zeros_like(k_cache)
+    n_blocks = sum(-(-n // bs) for n in lengths) + 3
+    k_shape, v_shape = kv_cache_shapes(n_blocks, bs, kvh, d)
+    k_cache = torch.randn(k_shape, generator=g).to(dtype)  # garbage where nothing was written
+    v_cache = torch.randn(v_shape, generator=g).to(dtype)
     order = torch.randperm(n_blocks, generator=g).tolist()
     tables, seqs = [], []
     for n in lengths:
-        blocks = [order.pop() for _ in range(-(-n // BS))]
-        k = torch.randn(n, KVH, D, generator=g).to(dtype)
-        v = torch.randn(n, KVH, D, generator=g).to(dtype)
-        slots = torch.tensor([blocks[p // BS] * BS + p % BS for p in range(n)])
+        blocks = [order.pop() for _ in range(-(-n // bs))]
+        k = torch.randn(n, kvh, d, generator=g).to(dtype)
+        v = torch.randn(n, kvh, d, generator=g).to(dtype)
+        slots = torch.tensor([blocks[p // bs] * bs + p % bs for p in range(n)])
         write_kv(k_cache, v_cache, k, v, slots)
         tables.append(blocks)
         seqs.append((k, v))
@@ -37,8 +39,8 @@ def paged_sequences(lengths: list[int], dtype=torch.float32, seed: int = 0):
 def test_write_kv_places_tokens_by_block_table():
     k_cache, v_cache, tables, seqs = paged_sequences([5, 9])
     for table, (k, v) in zip(tables, seqs):
-        assert torch.equal(gather_sequence(k_cache, table, len(k)), k)
-        assert torch.equal(gather_sequence(v_cache, table, len(v)), v)
+        got_k, got_v = gather_sequence(k_cache, v_cache, table, len(k))
+        assert torch.equal(got_k, k) and torch.equal(got_v, v)
 
 
 def test_the_native_cpu_kernel_builds():
@@ -56,6 +58,23 @@ def test_paged_decode_attention(lengths, dtype, impl):
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     out = fn(q, k_cache, v_cache, table, torch.tensor(lengths), 1 / math.sqrt(D))
     assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for i, (k, v) in enumerate(seqs):
+        ref = attention_one_sequence(q[i:i + 1], k, v, num_context=len(k) - 1)
+        torch.testing.assert_close(out[i:i + 1].float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 4, 64), (20, 2, 32), (4, 4, 16)])
+def test_native_decode_at_serving_shapes(heads, kv_heads, head_dim, dtype):
+    """Blocks of 16 and head sizes that are multiples of 16: the vectorized path, with
+    query groups of 3, of 10 (more than one tile of 8) and of 1; partial last blocks."""
+    lengths = [1, 16, 17, 100, 333]
+    k_cache, v_cache, tables, seqs = paged_sequences(lengths, dtype, bs=16, kvh=kv_heads, d=head_dim)
+    q = torch.randn(len(lengths), heads, head_dim).to(dtype)
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    out = paged_decode_attention(q, k_cache, v_cache, table, torch.tensor(lengths), 1 / math.sqrt(head_dim))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for i, (k, v) in enumerate(seqs):
         ref = attention_one_sequence(q[i:i + 1], k, v, num_context=len(k) - 1)

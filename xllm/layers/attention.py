@@ -51,8 +51,8 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
-        self.k_cache: torch.Tensor | None = None  # (num_blocks, block_size, kvh, d)
-        self.v_cache: torch.Tensor | None = None
+        self.k_cache: torch.Tensor | None = None  # (num_blocks, kvh, d, block_size)
+        self.v_cache: torch.Tensor | None = None  # (num_blocks, kvh, block_size, d)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

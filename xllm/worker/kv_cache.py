@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from xllm_ops.paged_attention import kv_cache_shapes
+
 
 def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                    dtype: torch.dtype) -> int:
@@ -14,11 +16,11 @@ def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim
 
 def allocate_kv_cache(attention_layers: list, num_blocks: int, block_size: int,
                       dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Give every attention layer its (K, V) pools of shape (num_blocks, block_size, kvh, d)."""
+    """Give every attention layer its K and V pools (layouts in ``xllm_ops.paged_attention``)."""
     caches = []
     for layer in attention_layers:
-        shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
-        layer.k_cache = torch.zeros(shape, dtype=dtype)
-        layer.v_cache = torch.zeros(shape, dtype=dtype)
+        k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+        layer.k_cache = torch.zeros(k_shape, dtype=dtype)
+        layer.v_cache = torch.zeros(v_shape, dtype=dtype)
         caches.append((layer.k_cache, layer.v_cache))
     return caches
