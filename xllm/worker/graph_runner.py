@@ -25,12 +25,14 @@ from ..layers.attention import AttentionMetadata
 log = logging.getLogger(__name__)
 
 
-def default_buckets(max_batch: int) -> list[int]:
-    """Powers of two up to ``max_batch`` (and ``max_batch`` itself)."""
+def default_buckets(max_batch: int, step: int = 16) -> list[int]:
+    """Powers of two up to ``step``, then multiples of ``step``, then ``max_batch``: a
+    batch pads to at most ``step - 1`` extra rows (powers of two alone pad 33 to 64)."""
     out, b = [], 1
-    while b < max_batch:
+    while b < min(step, max_batch):
         out.append(b)
         b *= 2
+    out.extend(range(step, max_batch, step))
     return out + [max_batch]
 
 
