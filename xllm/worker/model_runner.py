@@ -146,6 +146,8 @@ class ModelRunner:
             m = inp.meta
             logits = self.graphs.run(inp.input_ids, inp.positions, m.slot_mapping,
                                      m.decode_block_tables, m.decode_seq_lens)
+            if len(inp.sample_req_ids) == len(ids):  # every row samples: rows are 0..n-1, no copy
+                return inp.sample_req_ids, logits
             return inp.sample_req_ids, logits[inp.sample_rows]
         hidden = self.model(inp.input_ids, inp.positions, inp.meta)
         return inp.sample_req_ids, self.model.compute_logits(hidden[inp.sample_rows])
