@@ -9,8 +9,13 @@ back to ``torch.nn.functional.linear``. Reference: ``F.linear(x, weight, bias)``
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from .native import kernels
 
 
 def _available() -> bool:
@@ -19,19 +24,49 @@ def _available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def pack(weight: torch.Tensor, batch_hint: int = 8) -> torch.Tensor | None:
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight in oneDNN's blocked layout, and its handle in the C++ registry (None
+    without the native module) through which a compiled graph reaches it."""
+
+    tensor: torch.Tensor
+    handle: int | None
+
+
+def pack(weight: torch.Tensor, batch_hint: int = 8) -> PackedWeight | None:
     """oneDNN-packed copy of a (out, in) bf16 CPU weight, or None if packing does not apply."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not _available():
         return None
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_hint)
     except RuntimeError:
         return None
+    native = _graph_op()
+    return PackedWeight(packed, native.register_packed(packed) if native is not None else None)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+@functools.cache
+def _graph_op():
+    """The native module once ``xllm_cpu::packed_linear`` has its shape rule, or None."""
+    native = kernels()
+    if native is None:
+        return None
+
+    @torch.library.register_fake("xllm_cpu::packed_linear")
+    def _(x, weight, handle, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    return native
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias``, from the packed weight when there is one."""
-    if packed is None or x.dtype != torch.bfloat16 or torch.compiler.is_compiling():
-        return F.linear(x, weight, bias)  # NOTE: a compiled graph packs weights itself (freezing)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if packed is None or x.dtype != torch.bfloat16:
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        if packed.handle is None:
+            return F.linear(x, weight, bias)
+        # NOTE: an opaque op, so graphs compile without weight freezing (and stay cacheable)
+        return torch.ops.xllm_cpu.packed_linear(x, weight, packed.handle, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed.tensor, bias, "none", [], "")

@@ -107,5 +107,17 @@ def test_packed_linear_matches_f_linear(rows):
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.02)  # bf16 output rounding
 
 
+def test_packed_linear_inside_a_compiled_graph():
+    """A compiled graph reaches the packed weight through the opaque op (no freezing)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    x = torch.randn(5, 64, generator=g).bfloat16()
+    packed = linear.pack(w)
+    if packed is None or packed.handle is None:
+        pytest.skip("no oneDNN packing or no native module here")
+    fn = torch.compile(lambda t: torch.relu(linear.linear(t, w, packed)), fullgraph=True)
+    torch.testing.assert_close(fn(x).float(), torch.relu(F.linear(x.float(), w.float())), atol=0.1, rtol=0.02)
+
+
 def test_packing_skips_float32():
     assert linear.pack(torch.randn(4, 4)) is None

@@ -41,7 +41,10 @@ def configure_compile_cache() -> None:
     at ``~/.cache/xllm/inductor`` so compiled graphs survive restarts.)"""
     import torch._inductor.config as inductor
 
-    inductor.freezing = True  # constant weights: lets the CPU backend pre-pack them
+    # NOTE: no weight freezing: frozen graphs bypass inductor's on-disk graph cache (a
+    # restart would rebuild every graph). Linears reach their packed weights through the
+    # opaque xllm_cpu::packed_linear op instead (xllm_ops.linear).
+    inductor.freezing = False
     torch._dynamo.config.cache_size_limit = 64
 
 

@@ -1,0 +1,11 @@
+// The Python module of the CPU kernels: one binding per C++ entry point.
+#include <torch/extension.h>
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
+int64_t register_packed(at::Tensor packed);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged decode attention (CPU)");
+  m.def("register_packed", &register_packed, "keep a oneDNN-packed weight; returns its handle");
+}
