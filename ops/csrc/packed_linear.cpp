@@ -32,14 +32,16 @@ namespace {
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, int64_t handle,
                          const std::optional<at::Tensor>& bias) {
-  (void)weight;
   TORCH_CHECK(handle >= 0 && handle < static_cast<int64_t>(registry().size()),
               "packed_linear: unknown weight handle ", handle);
+  const at::Tensor& packed = registry()[handle];
+  TORCH_CHECK(packed.sizes() == weight.sizes(), "packed_linear: handle ", handle, " holds a ",
+              packed.sizes(), " weight, the layer's is ", weight.sizes());
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   torch::jit::Stack stack;
   stack.reserve(6);
   stack.emplace_back(x);
-  stack.emplace_back(registry()[handle]);
+  stack.emplace_back(packed);
   stack.emplace_back(bias.has_value() ? c10::IValue(*bias) : c10::IValue());
   stack.emplace_back(std::string("none"));
   stack.emplace_back(c10::List<std::optional<at::Scalar>>());
