@@ -35,8 +35,12 @@ def _median_seconds(fn, reps: int) -> float:
 def _rank_main(rank: int, init_file: str, shapes: dict, reps: int, out) -> None:
     import torch.distributed as dist
 
+    from xllm.platform.shm_comm import ShmCommunicator
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    biggest = max(max(b * h * 4, b * v * 4) for b, (h, v, _) in shapes.items())
+    shm = ShmCommunicator(init_file, rank, 2, biggest, dist.barrier)
     result = {}
     for batch, (hidden, vocab_part, dtype_name) in shapes.items():
         dtype = getattr(torch, dtype_name)
@@ -48,6 +52,8 @@ def _rank_main(rank: int, init_file: str, shapes: dict, reps: int, out) -> None:
             _median_seconds(lambda: dist.all_reduce(h), reps),
             _median_seconds(lambda: dist.all_gather(parts, logits), reps),
             _median_seconds(lambda: dist.broadcast(tokens, src=0), reps),
+            _median_seconds(lambda: shm.all_reduce(h), reps),
+            _median_seconds(lambda: shm.all_gather_last(logits), reps),
         )
     dist.barrier()
     if rank == 0:
@@ -56,9 +62,10 @@ def _rank_main(rank: int, init_file: str, shapes: dict, reps: int, out) -> None:
 
 
 def measure(batches: list[int], hidden: int, vocab: int, dtype: str = "bfloat16",
-            reps: int = 200) -> dict[int, tuple[float, float, float]]:
+            reps: int = 200) -> dict[int, tuple[float, ...]]:
     """Median seconds of (all-reduce [b, hidden], all-gather [b, vocab/2] fp32, broadcast
-    [b] int64) per batch size, seen by rank 0 of a 2-process gloo group."""
+    [b] int64) over gloo, then of the all-reduce and all-gather through shared memory
+    (``xllm.platform.shm_comm``), per batch size, seen by rank 0 of 2 processes."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     shapes = {b: (hidden, vocab // 2, dtype) for b in batches}
@@ -78,12 +85,14 @@ def _bare_rank_main(rank: int, init_file: str, model_dir: str, batches: list[int
     import torch.distributed as dist
 
     from xllm.layers.parallel import TPGroup
+    from xllm.platform.shm_comm import ShmCommunicator
 
     from .bare_forward import DecodeBench
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    tp = TPGroup(rank, 2, dist.group.WORLD)
+    shm = ShmCommunicator(init_file, rank, 2, 8 << 20, dist.barrier)  # decode steps of up to 64 rows
+    tp = TPGroup(rank, 2, dist.group.WORLD, shm)
     result = {}
     for batch in batches:
         for overlap in (False, True):
@@ -100,7 +109,8 @@ def _bare_rank_main(rank: int, init_file: str, model_dir: str, batches: list[int
 def bare_tp_steps(model_dir: Path, batches: list[int], context: int = 192,
                   iters: int = 20) -> dict[tuple[int, bool], float]:
     """Median seconds of ``ModelRunner.execute`` for one decode step in two TP ranks (one
-    thread each, no scheduler or frontend beside them), keyed by (batch, overlap)."""
+    thread each, shared-memory collectives, no scheduler or frontend beside them), keyed
+    by (batch, overlap)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,10 +125,12 @@ def bare_tp_steps(model_dir: Path, batches: list[int], context: int = 192,
     return result
 
 
-def step_collective_ms(costs: tuple[float, float, float], layers: int) -> float:
+def step_collective_ms(costs: tuple[float, ...], layers: int, shm: bool = False) -> float:
     """Milliseconds of collectives in one decode step: 1 + 2 × layers all-reduces, one
-    all-gather, one broadcast."""
-    all_reduce, all_gather, broadcast = costs
+    all-gather (gloo or shared memory), one broadcast (gloo either way)."""
+    all_reduce, all_gather, broadcast, shm_reduce, shm_gather = costs
+    if shm:
+        all_reduce, all_gather = shm_reduce, shm_gather
     return ((1 + 2 * layers) * all_reduce + all_gather + broadcast) * 1000
 
 
@@ -133,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     for b, costs in measure(batches, args.hidden, args.vocab).items():
-        ar, ag, bc = (c * 1e6 for c in costs)
-        print(f"batch {b}: all-reduce {ar:.0f} µs, all-gather {ag:.0f} µs, broadcast {bc:.0f} µs; "
-              f"per step {step_collective_ms(costs, args.layers):.1f} ms")
+        ar, ag, bc, sar, sag = (c * 1e6 for c in costs)
+        print(f"batch {b}: gloo all-reduce {ar:.0f} µs, all-gather {ag:.0f} µs, broadcast {bc:.0f} µs "
+              f"(per step {step_collective_ms(costs, args.layers):.1f} ms); shared memory all-reduce {sar:.0f} µs, "
+              f"all-gather {sag:.0f} µs (per step {step_collective_ms(costs, args.layers, shm=True):.1f} ms)")
     return 0
 
 

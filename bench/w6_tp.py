@@ -27,6 +27,7 @@ from .w5_overhead import engine_steps
 CONFIGS = [
     ("tp 1 (2 threads)", ["--tp", "1", "--threads-per-worker", "2"]),
     ("tp 2 (1 thread each)", ["--tp", "2", "--threads-per-worker", "1"]),
+    ("tp 2, gloo collectives", ["--tp", "2", "--threads-per-worker", "1", "--no-shm-collectives"]),
     ("tp 2 + micro-batch overlap", ["--tp", "2", "--threads-per-worker", "1", "--micro-batch-overlap"]),
 ]
 
@@ -55,19 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     comm = collectives.measure(batches, hf["hidden_size"], hf["vocab_size"])
     layers = hf["num_hidden_layers"]
     base = results[CONFIGS[0][0]]
-    bare = {CONFIGS[0][0]: {b: bare1[b] for b in batches},
-            CONFIGS[1][0]: {b: bare2[(b, False)] for b in batches},
-            CONFIGS[2][0]: {b: bare2[(b, True)] for b in batches}}
+    bare = {CONFIGS[0][0]: {b: bare1[b] * 1000 for b in batches},
+            CONFIGS[1][0]: {b: bare2[(b, False)] * 1000 for b in batches},
+            CONFIGS[2][0]: {b: "-" for b in batches},
+            CONFIGS[3][0]: {b: bare2[(b, True)] * 1000 for b in batches}}
+
+    def comm_ms(label: str, b: int):
+        if "tp 2" not in label:
+            return "-"
+        return step_collective_ms(comm[b], layers, shm="gloo" not in label)
+
     rows = [[label, b, results[label][b][0] * 1000, f"{base[b][0] / results[label][b][0]:.2f}×",
-             bare[label][b] * 1000, step_collective_ms(comm[b], layers) if "tp 2" in label else "-"]
-            for label, _ in CONFIGS for b in batches]
+             bare[label][b], comm_ms(label, b)] for label, _ in CONFIGS for b in batches]
     body = table(["configuration", "decode batch", "engine step ms", "speed vs tp 1", "runner alone ms",
                   "collectives alone ms"], rows)
     notes = [f"model {model_dir.name}; prompt {args.prompt_len}, {args.output_len} output tokens; step = wall time "
              "of the window where every request decodes / steps in it",
              "runner alone = ModelRunner.execute of the same decode step with nothing else running (tp 2: two "
-             "bare ranks of one thread); collectives alone = the 1 + 2 × layers all-reduces, the logits "
-             "all-gather and the token broadcast of one step, timed in two bare gloo processes",
+             "bare ranks of one thread, shared-memory collectives); collectives alone = the 1 + 2 × layers "
+             "all-reduces, the logits all-gather and the token broadcast of one step, timed in two bare "
+             "processes (shared memory by default; gloo for the gloo row)",
              "2 cores: tp 2 splits the same two cores between two processes, so it can show the cost of "
              "the collectives and whether overlap hides them, not a speed-up from more hardware"]
     report("W6 tensor parallelism: step time", body, args, notes)

@@ -75,6 +75,7 @@ class ParallelConfig:
     tp_size: int = 1
     threads_per_worker: int = 0  # torch threads per worker; 0 = cores / tp_size
     micro_batch_overlap: bool = False  # two micro-batches: all-reduce of one beside compute of the other
+    shm_collectives: bool = True  # CPU ranks of one host: all-reduce/all-gather through shared memory
 
     def __post_init__(self) -> None:
         if self.tp_size < 1:

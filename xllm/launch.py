@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--micro-batch-overlap", action="store_true",
                    help="split each step in two micro-batches so one's all-reduce overlaps the "
                         "other's compute (with --tp > 1)")
+    d.add_argument("--no-shm-collectives", action="store_true",
+                   help="with --tp > 1 on CPU: all-reduce through gloo instead of shared memory")
     d.add_argument("--threads-per-worker", type=int, default=0,
                    help="torch threads per worker (0: CPU cores / tp)")
     d.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for ready")
@@ -120,7 +122,8 @@ def resolve_config(args: argparse.Namespace, run_dir: str) -> EngineConfig:
                                   policy=args.policy, async_scheduling=not args.no_async_scheduling,
                                   max_queued_requests=args.max_queued_requests),
         parallel=ParallelConfig(tp_size=args.tp, threads_per_worker=args.threads_per_worker,
-                                micro_batch_overlap=args.micro_batch_overlap),
+                                micro_batch_overlap=args.micro_batch_overlap,
+                                shm_collectives=not args.no_shm_collectives),
         addresses=Addresses(frontend=args.address, run_dir=run_dir),
         http=HttpConfig(host=args.http_host, port=args.http_port, max_body_bytes=args.max_body_bytes,
                         request_timeout_s=args.request_timeout,

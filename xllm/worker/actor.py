@@ -66,7 +66,16 @@ class WorkerActor(Actor):
 
         dist.init_process_group(current().dist_backend, init_method=self.cfg.addresses.dist_init_file(),
                                 rank=self.rank, world_size=size)
-        return TPGroup(self.rank, size, dist.group.WORLD)
+        from ..platform.shm_comm import ShmCommunicator
+
+        shm = None
+        if current().name == "cpu" and self.cfg.parallel.shm_collectives and ShmCommunicator.available():
+            hf = read_hf_config(self.cfg.model.path)
+            sched = self.cfg.scheduler
+            hidden = sched.max_num_batched_tokens * hf["hidden_size"]  # a step's hidden states
+            logits = sched.max_num_seqs * -(-hf["vocab_size"] // size)  # its sampled rows' logits
+            shm = ShmCommunicator(self.cfg.addresses.run_dir, self.rank, size, max(hidden, logits) * 4, dist.barrier)
+        return TPGroup(self.rank, size, dist.group.WORLD, shm)
 
     async def run(self) -> None:
         while True:
