@@ -13,6 +13,7 @@ C: a W1-like workload with async scheduling on and off (``--no-async-scheduling`
 
 from __future__ import annotations
 
+import os
 import random
 import shlex
 import sys
@@ -67,6 +68,12 @@ async def engine_steps(address: str, batches: list[int], prompt_len: int, output
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def part_a(args, model_dir, vocab) -> tuple[str, list[str]]:
     import statistics
 
@@ -82,25 +89,39 @@ def part_a(args, model_dir, vocab) -> tuple[str, list[str]]:
         for b in args.batches:
             bench = DecodeBench(model_dir, b, context, args.rounds * (iters + warmup), graphs)
             engine, inproc = [], []
+            # CPU the processes beside the worker use while the engine runs (they sit idle
+            # while this process times the forwards; the client is this process)
+            others = {name: pid for name, pid in dep.pids.items() if not name.startswith("worker")}
+            other_cpu = dict.fromkeys([*others, "client"], 0.0)
             for _ in range(args.rounds):  # alternate, so drift of the machine hits both alike
+                before = {name: cpu_seconds(pid) for name, pid in others.items()}
+                client0 = cpu_seconds(os.getpid())
                 engine.append(uvloop.run(engine_steps(dep.address, [b], args.prompt_len, args.output_len,
                                                       vocab, args.seed))[b])
+                other_cpu["client"] += cpu_seconds(os.getpid()) - client0
+                for name, pid in others.items():
+                    other_cpu[name] += cpu_seconds(pid) - before[name]
                 inproc.append(bench.measure(iters, warmup))
+            steps_run = args.rounds * (args.output_len + 1 + 9)  # prefill + decode, + about 9 warm-up steps
             del bench
             step = statistics.median(e[0] for e in engine)
             t = {k: statistics.median(m[k] for m in inproc) for k in inproc[0]}
             bare = t["graph"] if graphs else t["eager"]  # the forward the worker runs for decode steps
             rows.append([b, step * 1000, t["runner"] * 1000, t["graph"] * 1000, t["eager"] * 1000,
                          f"{(step - bare) / bare:+.0%}", f"{(t['runner'] - bare) / bare:+.0%}",
-                         sum(e[1] for e in engine)])
+                         sum(e[1] for e in engine),
+                         " / ".join(f"{other_cpu[k] / steps_run * 1000:.2f}" for k in ("scheduler", "frontend", "client"))])
     body = table(["batch", "engine step ms", "runner step ms", "graph forward ms", "eager forward ms",
-                  "engine overhead", "runner overhead", "steps measured"], rows)
+                  "engine overhead", "runner overhead", "steps measured",
+                  "CPU ms per step: scheduler / frontend / client"], rows)
     notes = [f"A: prompt {args.prompt_len}, {args.output_len} output tokens per request; the forwards and the "
              f"runner step timed in this process at context {context} (the middle of the engine's window); "
              f"{args.rounds} rounds alternating engine and in-process timings, medians",
              "overhead = (step − bare forward) / bare forward, where the bare forward is the "
              + ("compiled decode graph (what the worker runs)" if graphs else "eager forward (--enforce-eager)")
-             + "; runner step = ModelRunner.execute (inputs from the plan + forward + sampling)"]
+             + "; runner step = ModelRunner.execute (inputs from the plan + forward + sampling)",
+             "CPU per step: user + system CPU of the processes beside the worker during the engine runs "
+             "(/proc), over the steps those runs took; on 2 cores it is taken from the worker's two threads"]
     return body, notes
 
 
