@@ -57,3 +57,16 @@ def test_collectives_sum_and_gather_identically_on_every_rank(size, tmp_path):
         assert torch.equal(results[r]["a"], torch.full((4,), float(total)))
         assert torch.equal(results[r]["b"], torch.full((4,), 10.0 * total))
         assert torch.equal(results[r]["gather"], torch.cat([torch.full((2, 3), float(k)) for k in range(size)], -1))
+
+
+def test_a_third_collective_in_flight_is_refused(tmp_path):
+    """The four-slot ring is safe only with at most two collectives in flight per rank."""
+    comm = ShmCommunicator(str(tmp_path / "solo"), 0, 1, 1 << 12, lambda: None)
+    a, b = PendingReduce(comm, torch.ones(4)), PendingReduce(comm, torch.ones(4))
+    with pytest.raises(RuntimeError, match="in flight"):
+        PendingReduce(comm, torch.ones(4))
+    a.wait()
+    c = PendingReduce(comm, torch.full((4,), 2.0))  # one finished: room again
+    b.wait()
+    c.wait()
+    assert torch.equal(c.x, torch.full((4,), 2.0))

@@ -10,12 +10,13 @@ arithmetic. Ranks on one host can instead share one memory segment:
   wait until every peer has published ``n``, then sum the slots in rank order (so every
   rank gets the same bits) or concatenate them (all-gather).
 
-At most two collectives are in flight per rank (micro-batch overlap keeps one per
-micro-batch), so a rank that published ``m`` has finished reading everything up to
-``m - 2``. Before writing slot ``n % SLOTS`` again, a rank waits for every peer to have
-published ``n - 2``: they are then done with collective ``n - SLOTS``. x86 keeps stores
-in order, so a published flag means the data before it is visible. Waiting spins briefly, then yields the core (on a small machine the peer
-may need it). Tensors larger than a slot go through the process group instead.
+Why four slots are enough: a rank may have at most two collectives in flight (micro-batch
+overlap keeps one per micro-batch; ``publish`` enforces it), so it publishes ``n`` only
+after it finished reading ``n - 2``, which needed every peer to publish ``n - 2``; and a
+peer published ``n - 2`` only after it finished reading ``n - 4``, the slot's previous
+use. x86 keeps stores in order, so a published flag means the data before it is visible.
+Waiting spins briefly, then yields the core (on a small machine the peer may need it).
+Tensors larger than a slot go through the process group instead.
 
 Untested beyond CPU ranks on one Linux host (the only setting ``xllm-launch`` creates).
 """
@@ -67,6 +68,7 @@ class ShmCommunicator:
         self.data = torch.frombuffer(self.buf, dtype=torch.uint8, offset=flags_bytes,
                                      count=SLOTS * size * self.slot_bytes)
         self.seq = 0
+        self.in_flight: set[int] = set()  # published, not yet read back
         if rank == 0:
             self.flags[:] = 0
         barrier()
@@ -85,9 +87,11 @@ class ShmCommunicator:
 
     def publish(self, x: torch.Tensor) -> int:
         """Put this rank's ``x`` in its slot and announce it; returns the collective's number."""
+        if any(s <= self.seq - 1 for s in self.in_flight):
+            raise RuntimeError("more than two shared-memory collectives in flight: the slot ring would "
+                               "overwrite one a peer may still read")
         self.seq += 1
-        if self.seq > 2:
-            self.wait(self.seq - 2)  # peers are done with what this slot held
+        self.in_flight.add(self.seq)
         self._slot(self.seq, self.rank, x).copy_(x)
         self.flags[self.rank * FLAG_STRIDE] = self.seq
         return self.seq
@@ -115,6 +119,7 @@ class ShmCommunicator:
         total = self._slot(seq, 0, x).clone()
         for r in range(1, self.size):
             total += self._slot(seq, r, x)
+        self.in_flight.discard(seq)
         return x.copy_(total)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +132,9 @@ class ShmCommunicator:
         x = x.contiguous()
         seq = self.publish(x)
         self.wait(seq)
-        return torch.cat([self._slot(seq, r, x) for r in range(self.size)], dim=-1)
+        out = torch.cat([self._slot(seq, r, x) for r in range(self.size)], dim=-1)
+        self.in_flight.discard(seq)
+        return out
 
 
 class PendingReduce:
