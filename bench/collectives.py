@@ -66,18 +66,8 @@ def measure(batches: list[int], hidden: int, vocab: int, dtype: str = "bfloat16"
     """Median seconds of (all-reduce [b, hidden], all-gather [b, vocab/2] fp32, broadcast
     [b] int64) over gloo, then of the all-reduce and all-gather through shared memory
     (``xllm.platform.shm_comm``), per batch size, seen by rank 0 of 2 processes."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
     shapes = {b: (hidden, vocab // 2, dtype) for b in batches}
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_rank_main, args=(r, init_file, shapes, reps, out)) for r in range(2)]
-        for p in procs:
-            p.start()
-        result = out.get(timeout=600)
-        for p in procs:
-            p.join(timeout=60)
-    return result
+    return _two_ranks(_rank_main, shapes, reps)
 
 
 def _bare_rank_main(rank: int, init_file: str, model_dir: str, batches: list[int], context: int,
@@ -111,15 +101,20 @@ def bare_tp_steps(model_dir: Path, batches: list[int], context: int = 192,
     """Median seconds of ``ModelRunner.execute`` for one decode step in two TP ranks (one
     thread each, shared-memory collectives, no scheduler or frontend beside them), keyed
     by (batch, overlap)."""
+    return _two_ranks(_bare_rank_main, str(model_dir), batches, context, iters)
+
+
+def _two_ranks(target, *args, timeout: float = 1200.0):
+    """Run ``target(rank, init_file, *args, out)`` in two spawned processes; rank 0's
+    ``out.put`` is the result."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_bare_rank_main, args=(r, init_file, str(model_dir), batches, context, iters, out))
-                 for r in range(2)]
+        procs = [ctx.Process(target=target, args=(r, init_file, *args, out)) for r in range(2)]
         for p in procs:
             p.start()
-        result = out.get(timeout=1200)
+        result = out.get(timeout=timeout)
         for p in procs:
             p.join(timeout=60)
     return result
