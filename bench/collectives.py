@@ -74,15 +74,16 @@ def _bare_rank_main(rank: int, init_file: str, model_dir: str, batches: list[int
                     iters: int, out) -> None:
     import torch.distributed as dist
 
-    from xllm.layers.parallel import TPGroup
+    from xllm.layers.parallel import ProcessGroupComm, TPGroup
     from xllm.platform.shm_comm import ShmCommunicator
 
     from .bare_forward import DecodeBench
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    shm = ShmCommunicator(init_file, rank, 2, 8 << 20, dist.barrier)  # decode steps of up to 64 rows
-    tp = TPGroup(rank, 2, dist.group.WORLD, shm)
+    shm = ShmCommunicator(init_file, rank, 2, 8 << 20, dist.barrier,  # decode steps of up to 64 rows
+                          fallback=ProcessGroupComm(dist.group.WORLD))
+    tp = TPGroup(rank, 2, shm)
     result = {}
     for batch in batches:
         for overlap in (False, True):

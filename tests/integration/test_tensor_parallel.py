@@ -16,14 +16,22 @@ from xllm.sdk import AsyncClient
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
-@pytest.mark.parametrize("overlap", [False, True], ids=["tp2", "tp2-overlap"])
-def test_tp2_matches_transformers(preset, overlap, make_tiny, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--micro-batch-overlap"], ["--no-shm-collectives"],
+                                   ["--no-shm-collectives", "--micro-batch-overlap"]],
+                         ids=["tp2", "tp2-overlap", "tp2-gloo", "tp2-gloo-overlap"])
+def test_tp2_matches_transformers(preset, extra, make_tiny, tmp_path):
+    """Shared-memory collectives (the CPU default) and gloo ones, each with and without
+    micro-batch overlap."""
     path = make_tiny(preset)
     prompts = workload()
-    flags = ["--tp", "2", "--threads-per-worker", "1"] + (["--micro-batch-overlap"] if overlap else [])
+    flags = ["--tp", "2", "--threads-per-worker", "1", *extra]
     with launch(path, tmp_path, *flags) as dep:
         assert {"worker-0", "worker-1"} <= set(dep.pids)
         ours = asyncio.run(generate_all(dep.address, prompts, MAX_TOKENS))
+        log = dep.output()
+    path_used = "gloo" if "--no-shm-collectives" in extra else "shared memory"
+    for rank in (0, 1):
+        assert f"rank {rank} of 2: collectives through {path_used}" in log
     for prompt, n, out in zip(prompts, MAX_TOKENS, ours):
         assert_greedy_equal(str(path), prompt, out, hf_greedy(str(path), prompt, n))
 

@@ -45,10 +45,11 @@ class PeerTimeout(RuntimeError):
 class ShmCommunicator:
     """Shared-memory all-reduce and all-gather for ``size`` ranks of one host."""
 
-    def __init__(self, key: str, rank: int, size: int, slot_bytes: int, barrier) -> None:
+    def __init__(self, key: str, rank: int, size: int, slot_bytes: int, barrier, fallback=None) -> None:
         """``barrier()`` synchronizes the ranks (the process group's barrier): rank 0
-        creates the segment, the others attach, then it is unlinked (it lives while mapped)."""
-        self.rank, self.size = rank, size
+        creates the segment, the others attach, then it is unlinked (it lives while mapped).
+        ``fallback`` (a ``ProcessGroupComm``) takes tensors larger than a slot, and broadcasts."""
+        self.rank, self.size, self.fallback = rank, size, fallback
         self.slot_bytes = slot_bytes - slot_bytes % 64
         flags_bytes = size * FLAG_STRIDE * 8
         total = flags_bytes + SLOTS * size * self.slot_bytes
@@ -122,13 +123,32 @@ class ShmCommunicator:
         self.in_flight.discard(seq)
         return x.copy_(total)
 
+    def _check_fits(self, x: torch.Tensor) -> bool:
+        if self.fits(x):
+            return True
+        if self.fallback is None:
+            raise ValueError(f"{x.numel() * x.element_size()} bytes do not fit a {self.slot_bytes}-byte slot")
+        return False
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._check_fits(x):
+            return self.fallback.all_reduce(x)
         seq = self.publish(x)
         self.wait(seq)
         return self.reduce_into(x, seq)
 
+    def all_reduce_async(self, x: torch.Tensor):
+        if not self._check_fits(x):
+            return self.fallback.all_reduce_async(x)
+        return PendingReduce(self, x)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return self.fallback.broadcast(x, src)
+
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``x`` concatenated along the last dimension."""
+        if not self._check_fits(x):
+            return self.fallback.all_gather_last(x)
         x = x.contiguous()
         seq = self.publish(x)
         self.wait(seq)

@@ -17,7 +17,7 @@ import zmq
 from ..bus.actor import Actor
 from ..bus.codec import DecodeError
 from ..config import EngineConfig, read_hf_config
-from ..layers.parallel import SINGLE, TPGroup
+from ..layers.parallel import SINGLE, ProcessGroupComm, TPGroup
 from ..protocol import ControlCall, ControlReply, StepPlan, WorkerError, WorkerInput
 from .graph_runner import default_buckets
 from .model_runner import ModelRunner
@@ -63,19 +63,21 @@ class WorkerActor(Actor):
         import torch.distributed as dist
 
         from ..platform import current
+        from ..platform.shm_comm import ShmCommunicator
 
         dist.init_process_group(current().dist_backend, init_method=self.cfg.addresses.dist_init_file(),
                                 rank=self.rank, world_size=size)
-        from ..platform.shm_comm import ShmCommunicator
-
-        shm = None
+        comm = ProcessGroupComm(dist.group.WORLD)
         if current().name == "cpu" and self.cfg.parallel.shm_collectives and ShmCommunicator.available():
             hf = read_hf_config(self.cfg.model.path)
             sched = self.cfg.scheduler
             hidden = sched.max_num_batched_tokens * hf["hidden_size"]  # a step's hidden states
             logits = sched.max_num_seqs * -(-hf["vocab_size"] // size)  # its sampled rows' logits
-            shm = ShmCommunicator(self.cfg.addresses.run_dir, self.rank, size, max(hidden, logits) * 4, dist.barrier)
-        return TPGroup(self.rank, size, dist.group.WORLD, shm)
+            comm = ShmCommunicator(self.cfg.addresses.run_dir, self.rank, size, max(hidden, logits) * 4,
+                                   dist.barrier, fallback=comm)
+        log.info("rank %d of %d: collectives through %s", self.rank, size,
+                 "shared memory" if isinstance(comm, ShmCommunicator) else current().dist_backend)
+        return TPGroup(self.rank, size, comm)
 
     async def run(self) -> None:
         while True:

@@ -117,8 +117,7 @@ class ModelRunner:
         batch = SamplingBatch.build([s.sampling for s in states], [s.generator for s in states],
                                     self.spec.vocab_size)
         sampled = self.sampler(logits, batch)
-        if self.tp.size > 1:  # every rank keeps rank 0's tokens, whatever its own floats said
-            torch.distributed.broadcast(sampled, src=0, group=self.tp.group)
+        self.tp.broadcast(sampled)  # every rank keeps rank 0's tokens, whatever its own floats said
         tokens = sampled.tolist()
         for state, tok in zip(states, tokens):
             state.token_ids.append(tok)
