@@ -28,6 +28,16 @@ def kv_cache_shapes(num_blocks: int, block_size: int, num_kv_heads: int,
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store new keys/values ``(T, kvh, d)`` at flat slots ``(T,)`` of the caches."""
+    native = kernels() if k_cache.device.type == "cpu" else None
+    if native is not None:
+        native.store_kv(k_cache, v_cache, k.to(k_cache.dtype), v.to(v_cache.dtype), slot_mapping)
+        return
+    write_kv_torch(k_cache, v_cache, k, v, slot_mapping)
+
+
+def write_kv_torch(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """``write_kv`` in plain torch."""
     bs = v_cache.shape[2]
     blocks, offsets = slot_mapping // bs, slot_mapping % bs
     # advanced indices on dims 0 and 3 (K) or 0 and 2 (V): the indexed view is (T, kvh, d)

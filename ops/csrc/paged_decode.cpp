@@ -248,6 +248,49 @@ void decode_kernel(const QT* q, const CT* kc, const CT* vc, const int64_t* table
 
 }  // namespace
 
+template <typename E>  // E: an unsigned integer of the element's size (the bits are copied)
+void store_kv_typed(torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& k,
+                    const torch::Tensor& v, const int64_t* slots, int64_t T, int64_t KVH, int64_t D,
+                    int64_t BS) {
+  E* kc = static_cast<E*>(k_cache.data_ptr());
+  E* vc = static_cast<E*>(v_cache.data_ptr());
+  const E* kp = static_cast<const E*>(k.data_ptr());
+  const E* vp = static_cast<const E*>(v.data_ptr());
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t block = slots[t] / BS, off = slots[t] % BS;
+    for (int64_t h = 0; h < KVH; ++h) {
+      const E* ks = kp + (t * KVH + h) * D;
+      const int64_t tile = (block * KVH + h) * D * BS;  // the (block, head) tile
+      for (int64_t d = 0; d < D; ++d) kc[tile + d * BS + off] = ks[d];  // K: column `off` of (D, BS)
+      std::memcpy(vc + tile + off * D, vp + (t * KVH + h) * D, D * sizeof(E));  // V: row `off` of (BS, D)
+    }
+  }
+}
+
+// Store T new keys and values (T, KVH, D) at flat slots (block * BS + offset) of the
+// caches, keys transposed per block. Same dtype as the caches (the caller converts).
+void store_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+              torch::Tensor slots) {
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+              "store_kv: new K/V must have the caches' dtype");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  k = k.contiguous();
+  v = v.contiguous();
+  auto s = slots.to(torch::kLong).contiguous();
+  const int64_t T = k.size(0), KVH = k_cache.size(1), D = k_cache.size(2), BS = k_cache.size(3);
+  TORCH_CHECK(k.size(1) == KVH && k.size(2) == D && v.sizes() == k.sizes(), "store_kv: shapes do not match");
+  const int64_t* sp = s.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.size(0) * BS;
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "store_kv: slot ", sp[t], " outside the cache");
+  if (k.element_size() == 2) {
+    store_kv_typed<uint16_t>(k_cache, v_cache, k, v, sp, T, KVH, D, BS);
+  } else {
+    TORCH_CHECK(k.element_size() == 4, "store_kv: 2- or 4-byte elements");
+    store_kv_typed<uint32_t>(k_cache, v_cache, k, v, sp, T, KVH, D, BS);
+  }
+}
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4,

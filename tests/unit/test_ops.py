@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from xllm_ops import linear, native, paged_decode_attention, paged_prefill_attention, prefill_attention, write_kv
-from xllm_ops.paged_attention import kv_cache_shapes, paged_decode_attention_torch
+from xllm_ops.paged_attention import kv_cache_shapes, paged_decode_attention_torch, write_kv_torch
 from xllm_ops.reference import attention_one_sequence, gather_sequence
 
 BS, KVH, H, D = 4, 2, 6, 8
 
 
 def paged_sequences(lengths: list[int], dtype=torch.float32, seed: int = 0, bs: int = BS, kvh: int = KVH,
-                    d: int = D):
+                    d: int = D, write=write_kv):
     """Random K/V for each sequence, scattered into shuffled cache blocks."""
     g = torch.Generator().manual_seed(seed)
     n_blocks = sum(-(-n // bs) for n in lengths) + 3
@@ -30,14 +30,16 @@ def paged_sequences(lengths: list[int], dtype=torch.float32, seed: int = 0, bs: 
         k = torch.randn(n, kvh, d, generator=g).to(dtype)
         v = torch.randn(n, kvh, d, generator=g).to(dtype)
         slots = torch.tensor([blocks[p // bs] * bs + p % bs for p in range(n)])
-        write_kv(k_cache, v_cache, k, v, slots)
+        write(k_cache, v_cache, k, v, slots)
         tables.append(blocks)
         seqs.append((k, v))
     return k_cache, v_cache, tables, seqs
 
 
-def test_write_kv_places_tokens_by_block_table():
-    k_cache, v_cache, tables, seqs = paged_sequences([5, 9])
+@pytest.mark.parametrize("write", [write_kv, write_kv_torch], ids=["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_places_tokens_by_block_table(write, dtype):
+    k_cache, v_cache, tables, seqs = paged_sequences([5, 9], dtype, write=write)
     for table, (k, v) in zip(tables, seqs):
         got_k, got_v = gather_sequence(k_cache, v_cache, table, len(k))
         assert torch.equal(got_k, k) and torch.equal(got_v, v)
