@@ -1,4 +1,4 @@
-"""Benchmarks of xllm: one command per workload of ``/work/shared/BENCHMARKS.md``.
+"""Benchmarks of xllm: one command per workload of the project's ``BENCHMARKS.md`` (workloads and metric definitions).
 
     python -m bench.w1_offline    # W1 offline throughput vs transformers generate / continuous batching
     python -m bench.w2_online     # W2 Poisson rates through the HTTP shim; latency plot

@@ -1,6 +1,6 @@
 """What every benchmark shares: seeded workloads, the metric math, tables and RESULTS.md.
 
-Metric definitions follow ``vllm bench serve`` (see ``/work/shared/BENCHMARKS.md``):
+Metric definitions follow ``vllm bench serve`` (see the workloads in the project's BENCHMARKS.md):
 TTFT is send → first token; TPOT is (E2EL − TTFT) / (output tokens − 1); ITL is every
 gap between streamed chunks, pooled over all requests; E2EL is send → last token.
 Goodput counts the requests that meet every SLO given, per second of the run.
@@ -236,7 +236,7 @@ def report(title: str, body: str, args: argparse.Namespace, notes: list[str] = (
     path = Path(args.results)
     if not path.exists():
         path.write_text("# Benchmark results\n\nAppended by the commands in `bench/` "
-                        "(see `/work/shared/BENCHMARKS.md` for the workloads).\n")
+                        "(the workloads are defined in the project's BENCHMARKS.md).\n")
     with open(path, "a") as f:
         f.write(text)
     print(f"(appended to {path})")

@@ -18,6 +18,7 @@ import shlex
 import socket
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import uvloop
@@ -136,6 +137,14 @@ def plot(rates: list[float], sums: list[dict], path) -> None:
     plt.close(fig)
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the repository when it is inside it (no machine's paths in RESULTS)."""
+    try:
+        return str(Path(path).resolve().relative_to(BENCH_DIR.parent))
+    except ValueError:
+        return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--rates", default="1,2,4,8", help="request rates per second, light to overload")
@@ -175,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = [r for r, s in zip(rates, sums) if s["good_fraction"] >= GOOD_FRACTION]
     notes = [f"model {name}; {args.requests} W1 requests (prompt 64–512, output 32–256, seed {args.seed}) per "
              f"rate, Poisson arrivals, streamed through /v1/completions; prefix cache cleared before each rate",
-             f"SLOs {args.goodput} (ms); time limit {args.max_seconds:g} s per rate; plot {args.plot}",
+             f"SLOs {args.goodput} (ms); time limit {args.max_seconds:g} s per rate; plot {_shown(args.plot)}",
              f"highest rate with ≥ {GOOD_FRACTION:.0%} of requests within SLO: "
              + (f"{max(ok):g} req/s" if ok else "none of the rates tried")]
     report("W2 online serving", body, args, notes)
@@ -184,3 +193,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import uvloop
+from hypothesis import settings
+
+# NOTE: in CI every randomized test is a fixed function of its code (``derandomize``), so a
+# failure there fails the same way on every machine and prints its falsifying example
+# (and a blob to replay it with ``@reproduce_failure``). Locally, hypothesis keeps its
+# example database in .hypothesis/ and replays what failed before.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 def pytest_asyncio_loop_factories(config, item):
