@@ -24,6 +24,14 @@ import numpy as np
 # --------------------------------------------------------------------------------------
 
 
+class InvalidParam(ValueError):
+    """A request field out of range; ``param`` names it (e.g. ``"temperature"``)."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     """How to pick tokens for one request.
 
@@ -50,35 +58,38 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     logprobs: int | None = None  # None: none; k: the sampled token's and the top-k logprobs
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field that is out of range."""
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature is not None and not (0.0 <= self.temperature <= 100.0):
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.min_p is not None and not (0.0 <= self.min_p <= 1.0):
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            raise ValueError("min_tokens must be between 0 and max_tokens")
-        if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise ValueError("seed must be in [0, 2**63)")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-        if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative")
-        if not (-2.0 <= self.presence_penalty <= 2.0):
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not (-2.0 <= self.frequency_penalty <= 2.0):
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if not (0.0 < self.repetition_penalty <= 10.0):
-            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
-        if any(not (-100.0 <= b <= 100.0) for b in self.logit_bias.values()):
-            raise ValueError("logit_bias values must be in [-100, 100]")
-        if self.logprobs is not None and not (0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        """Raise ``InvalidParam`` naming the first field that is out of range."""
+        for name, bad, message in self._checks():
+            if bad:
+                raise InvalidParam(name, message)
+
+    def _checks(self):
+        t, k, p = self.temperature, self.top_k, self.top_p
+        yield ("max_tokens", self.max_tokens is not None and self.max_tokens < 1,
+               f"max_tokens must be at least 1, got {self.max_tokens}")
+        yield ("temperature", t is not None and not (0.0 <= t <= 100.0),
+               f"temperature must be in [0, 100], got {t}")
+        yield "top_p", p is not None and not (0.0 < p <= 1.0), f"top_p must be in (0, 1], got {p}"
+        yield "top_k", k is not None and k < 0, f"top_k must be >= 0, got {k}"
+        yield ("min_p", self.min_p is not None and not (0.0 <= self.min_p <= 1.0),
+               f"min_p must be in [0, 1], got {self.min_p}")
+        yield ("min_tokens", self.min_tokens < 0
+               or (self.max_tokens is not None and self.min_tokens > self.max_tokens),
+               "min_tokens must be between 0 and max_tokens")
+        yield "seed", self.seed is not None and not (0 <= self.seed < 2**63), "seed must be in [0, 2**63)"
+        yield "stop", any(not s for s in self.stop), "stop strings must not be empty"
+        yield ("stop_token_ids", any(t < 0 for t in self.stop_token_ids),
+               "stop_token_ids must be non-negative")
+        yield ("presence_penalty", not (-2.0 <= self.presence_penalty <= 2.0),
+               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        yield ("frequency_penalty", not (-2.0 <= self.frequency_penalty <= 2.0),
+               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        yield ("repetition_penalty", not (0.0 < self.repetition_penalty <= 10.0),
+               f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        yield ("logit_bias", any(not (-100.0 <= b <= 100.0) for b in self.logit_bias.values()),
+               "logit_bias values must be in [-100, 100]")
+        yield ("logprobs", self.logprobs is not None and not (0 <= self.logprobs <= 20),
+               f"logprobs must be in [0, 20], got {self.logprobs}")
 
     def resolve(self, defaults: dict[str, Any], max_tokens: int) -> "SamplingParams":
         """A copy with every ``None`` replaced: ``defaults`` first, then neutral values.
@@ -189,9 +200,10 @@ class RequestOutputs(msgspec.Struct, tag="outputs"):
 class ErrorReply(msgspec.Struct, tag="error"):
     """A request or message that was refused. The connection and the engine keep going."""
 
-    code: str  # "bad_request", "not_found", "overloaded", "internal"
+    code: str  # "bad_request", "not_found", "overloaded", "unavailable", "internal"
     message: str
     req_id: str | None = None
+    param: str | None = None  # the request field at fault, when one is
 
 
 ClientReply = Union[RequestOutputs, ErrorReply, ControlReply]

@@ -50,29 +50,29 @@ CASES = {
     "unknown model": (COMPLETIONS, {"model": "gpt-9"}, 404, "model", "model_not_found"),
     "unknown model in chat": (CHAT, {"model": "gpt-9"}, 404, "model", "model_not_found"),
     "negative max_tokens": (COMPLETIONS, {"max_tokens": -5}, 400, "max_tokens", None),
-    "zero max_tokens": (COMPLETIONS, {"max_tokens": 0}, 400, None, None),
-    "max_tokens past the context": (COMPLETIONS, {"max_tokens": 10**6}, 400, None, None),
+    "zero max_tokens": (COMPLETIONS, {"max_tokens": 0}, 400, "max_tokens", None),
+    "max_tokens past the context": (COMPLETIONS, {"max_tokens": 10**6}, 400, "max_tokens", None),
     "max_tokens past 64 bits": (COMPLETIONS, {"max_tokens": 10**30}, 400, "max_tokens", None),
-    "prompt longer than the context": (COMPLETIONS, {"prompt": LONG_TEXT}, 400, None, None),
-    "token prompt longer than the context": (COMPLETIONS, {"prompt": [5] * 100}, 400, None, None),
+    "prompt longer than the context": (COMPLETIONS, {"prompt": LONG_TEXT}, 400, "prompt", None),
+    "token prompt longer than the context": (COMPLETIONS, {"prompt": [5] * 100}, 400, "prompt", None),
     "long prompt, streaming": (CHAT, {"messages": [{"role": "user", "content": LONG_TEXT}], "stream": True},
-                               400, None, None),
-    "token id outside the vocabulary": (COMPLETIONS, {"prompt": [10**6]}, 400, None, None),
+                               400, "prompt", None),
+    "token id outside the vocabulary": (COMPLETIONS, {"prompt": [10**6]}, 400, "prompt", None),
     "negative token id": (COMPLETIONS, {"prompt": [-1]}, 400, "prompt[0]", None),
     "empty prompt list": (COMPLETIONS, {"prompt": []}, 400, "prompt", None),
     "empty token prompt": (COMPLETIONS, {"prompt": [[]]}, 400, "prompt", None),
     "mixed prompt list": (COMPLETIONS, {"prompt": [1, "a"]}, 400, "prompt", None),
     "n zero": (COMPLETIONS, {"n": 0}, 400, "n", None),
     "n huge": (COMPLETIONS, {"n": 10**6}, 400, "n", None),
-    "negative temperature": (COMPLETIONS, {"temperature": -1}, 400, None, None),
-    "top_p zero": (COMPLETIONS, {"top_p": 0}, 400, None, None),
+    "negative temperature": (COMPLETIONS, {"temperature": -1}, 400, "temperature", None),
+    "top_p zero": (COMPLETIONS, {"top_p": 0}, 400, "top_p", None),
     "bad top_k": (COMPLETIONS, {"top_k": -7}, 400, "top_k", None),
-    "empty stop string": (COMPLETIONS, {"stop": [""]}, 400, None, None),
+    "empty stop string": (COMPLETIONS, {"stop": [""]}, 400, "stop", None),
     "too many logprobs": (COMPLETIONS, {"logprobs": 50}, 400, "logprobs", None),
     "top_logprobs without logprobs": (CHAT, {"top_logprobs": 2}, 400, "top_logprobs", None),
     "logit_bias key not a token": (COMPLETIONS, {"logit_bias": {"abc": 1}}, 400, "logit_bias", None),
     "logit_bias outside the vocabulary": (COMPLETIONS, {"logit_bias": {"99999": 1}}, 400, "logit_bias", None),
-    "logit_bias too large": (COMPLETIONS, {"logit_bias": {"5": 1000}}, 400, None, None),
+    "logit_bias too large": (COMPLETIONS, {"logit_bias": {"5": 1000}}, 400, "logit_bias", None),
     "negative seed": (COMPLETIONS, {"seed": -1}, 400, "seed", None),
     "unknown role": (CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400, None, None),
     "no messages": (CHAT, {"messages": []}, 400, "messages", None),
@@ -80,6 +80,9 @@ CASES = {
                       "unsupported"),
     "tools": (CHAT, {"tools": [{"type": "function"}]}, 400, "tools", "unsupported"),
     "tokenize nothing": ("/tokenize", {}, 400, None, None),
+    "stop_token_ids outside the vocabulary": (COMPLETIONS, {"stop_token_ids": [99999]}, 400, "stop_token_ids",
+                                              None),
+    "penalty out of range": (COMPLETIONS, {"presence_penalty": 7}, 400, "presence_penalty", None),
     "detokenize outside the vocabulary": ("/detokenize", {"tokens": [99999]}, 400, None, None),
 }
 
@@ -150,7 +153,7 @@ def bodies(draw) -> bytes:
 
 @pytest.mark.slow
 def test_fuzzed_requests_never_get_5xx(shim):
-    @settings(max_examples=150, deadline=None, database=None,
+    @settings(max_examples=150, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(path=paths, body=bodies())
     def one(path, body):

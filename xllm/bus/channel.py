@@ -29,16 +29,21 @@ class Channel:
         *,
         bind: bool,
         union: Any = None,
+        options: dict[int, int] | None = None,
     ) -> None:
         self.address = address
         self.sock = ctx.socket(kind)
         self.sock.setsockopt(zmq.LINGER, 0)
+        for opt, value in (options or {}).items():  # before bind/connect, where options apply
+            self.sock.setsockopt(opt, value)
         if kind in (zmq.PUSH, zmq.DEALER, zmq.ROUTER, zmq.PUB):
             self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop: back-pressure is explicit
         if kind in (zmq.PULL, zmq.DEALER, zmq.ROUTER, zmq.SUB):
             self.sock.setsockopt(zmq.RCVHWM, 0)
         if kind == zmq.ROUTER:
-            self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a gone client drops silently
+            # a send to a peer that is gone fails (``send_to`` returns False), so the owner
+            # learns of it and can drop the peer's work
+            self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         (self.sock.bind if bind else self.sock.connect)(address)
         self._enc = Encoder()
         self._dec = Decoder(union) if union is not None else None
@@ -46,8 +51,15 @@ class Channel:
     async def send(self, msg: msgspec.Struct) -> None:
         await self.sock.send_multipart(self._enc.encode(msg), copy=False)
 
-    async def send_to(self, identity: bytes, msg: msgspec.Struct) -> None:
-        await self.sock.send_multipart([identity, *self._enc.encode(msg)], copy=False)
+    async def send_to(self, identity: bytes, msg: msgspec.Struct) -> bool:
+        """Send to one peer of a ROUTER socket; False when that peer is no longer connected."""
+        try:
+            await self.sock.send_multipart([identity, *self._enc.encode(msg)], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+        return True
 
     async def recv(self) -> Any:
         """The next message; raises ``DecodeError`` for one that does not fit the schema."""

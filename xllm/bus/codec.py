@@ -72,5 +72,9 @@ class Decoder:
             return self._dec.decode(self._frames[0])
         except (msgspec.DecodeError, msgspec.ValidationError, DecodeError, NotImplementedError) as exc:
             raise DecodeError(str(exc)) from exc
+        except RecursionError:
+            # NOTE: a few KB of nested arrays exhaust the decoder's depth; that is a bad
+            # message like any other, never a reason for the actor to die.
+            raise DecodeError("the message nests too deeply") from None
         finally:
             self._frames = ()

@@ -4,13 +4,20 @@ It accepts SDK connections (ROUTER), validates and tokenizes requests (chat temp
 included), hands them to the scheduler, and turns each ``TokenBatch`` (one per engine
 step) into one ``RequestOutputs`` per client with the new text of each request. Stop
 strings end a request here: the frontend aborts it in the scheduler.
+
+NOTE (invariant): nothing a client sends can stop this actor or stall the others'
+streams. Every client message is handled under a guard that answers an error; inputs
+are bounded by size before any work is spent on them (``requests.RequestChecker``), and
+large ones are tokenized on a helper thread so the loop keeps serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import zmq
@@ -20,16 +27,18 @@ from ..bus.actor import Actor
 from ..bus.codec import DecodeError
 from ..config import EngineConfig
 from ..protocol import (
-    AbortRequest, ChatMessage, ClientMessage, ControlCall, ControlReply, ErrorReply, FrontendInput,
-    GenerateRequest, RequestDelta, RequestOutputs, RequestRejected, TokenBatch, TokenizedRequest,
+    AbortRequest, ClientMessage, ControlCall, ControlReply, ErrorReply, FrontendInput, GenerateRequest,
+    RequestDelta, RequestOutputs, RequestRejected, TokenBatch, TokenizedRequest,
     TokenLogprob,
 )
 from .detokenizer import Detokenizer
+from .requests import RequestChecker
 from .tokenizer import ModelTokenizer
 
 log = logging.getLogger(__name__)
 
 FORWARDED_CALLS = ("stats", "health", "reset_prefix_cache", "check_integrity", "kv_events")
+INLINE_CHARS = 8192  # inputs up to this size are tokenized on the loop; larger ones on a thread
 
 
 @dataclass
@@ -38,15 +47,17 @@ class Stream:
 
     client: bytes  # ROUTER identity of the client
     client_req_id: str
-    detok: Detokenizer
-    num_prompt_tokens: int
     stream: bool
+    detok: Detokenizer | None = None  # set once the request is accepted
+    num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)  # kept when not streaming
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # kept when not streaming
     queue_time: float = 0.0
+    submitted: bool = False  # the scheduler has it (else it is still being tokenized)
+    aborted: bool = False  # the client aborted it before it reached the scheduler
     stopped: bool = False  # a stop string matched; the scheduler's abort is on its way
 
 
@@ -54,18 +65,20 @@ class FrontendActor(Actor):
     """Tokenizer, detokenizer and per-client streams of one deployment."""
 
     def __init__(self, cfg: EngineConfig) -> None:
-        super().__init__("frontend", cfg.addresses.launcher)
+        super().__init__("frontend", cfg.addresses.launcher, cfg.addresses.run_dir)
         self.cfg = cfg
         self.streams: dict[str, Stream] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}
         self._ids = itertools.count()
         self._calls = itertools.count(1)
         self.pending_calls: dict[int, tuple[bytes, int]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     async def setup(self) -> dict:
         a = self.cfg.addresses
         self.tok = ModelTokenizer.load(self.cfg.model.path)
-        self.vocab_size = _vocab_size(self.cfg.model.path)
+        self.check = RequestChecker(self.tok, self.cfg.model.max_model_len, _vocab_size(self.cfg.model.path))
         self.clients = self.channel(zmq.ROUTER, a.frontend, bind=True, union=ClientMessage)
         self.to_scheduler = self.channel(zmq.PUSH, a.scheduler_in, bind=False)
         self.from_scheduler = self.channel(zmq.PULL, a.frontend_in, bind=True, union=FrontendInput)
@@ -75,119 +88,130 @@ class FrontendActor(Actor):
         poller = zmq.asyncio.Poller()
         poller.register(self.clients.sock, zmq.POLLIN)
         poller.register(self.from_scheduler.sock, zmq.POLLIN)
-        while True:
-            while self.from_scheduler.poll_now():
-                try:
-                    await self._on_engine(await self.from_scheduler.recv())
-                except DecodeError as exc:
-                    log.error("rejected a malformed message from the scheduler: %s", exc)
-            while self.clients.poll_now():
-                client, msg = await self.clients.recv_from()
-                await self._on_client(client, msg)
-            await poller.poll()
+        try:
+            while True:
+                while self.from_scheduler.poll_now():
+                    try:
+                        await self._on_engine(await self.from_scheduler.recv())
+                    except DecodeError as exc:
+                        log.error("rejected a malformed message from the scheduler: %s", exc)
+                while self.clients.poll_now():
+                    client, msg = await self.clients.recv_from()
+                    await self._guarded(client, msg, self._on_client(client, msg))
+                await poller.poll()
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
-    # -- from clients ---------------------------------------------------------------------
+    # -- sending to clients -----------------------------------------------------------------
+    async def _reply(self, client: bytes, msg) -> None:
+        """Send to one client; a client that is gone has its requests aborted."""
+        if not await self.clients.send_to(client, msg):
+            await self._drop_client(client)
+
+    async def _drop_client(self, client: bytes) -> None:
+        gone = [rid for (c, _), rid in self.by_client.items() if c == client]
+        if gone:
+            log.info("a client left with %d requests in flight; aborting them", len(gone))
+        for rid in gone:
+            await self._abort(rid)
+            self._close(rid)
+
+    # -- from clients -----------------------------------------------------------------------
+    async def _guarded(self, client: bytes, msg, work) -> None:
+        """Run the handling of one client message; whatever goes wrong is that client's
+        error reply, never this actor's end."""
+        try:
+            await work
+            return
+        except ValueError as exc:  # InvalidParam too: the request's own fault
+            text, param = str(exc), getattr(exc, "param", None)
+        except Exception as exc:  # noqa: BLE001 - e.g. a chat template that raises
+            log.warning("refused a client message (%s): %r", type(msg).__name__, exc)
+            text, param = f"{type(exc).__name__}: {exc}", None
+        if isinstance(msg, ControlCall):  # the caller waits for the reply to its call id
+            await self._reply(client, ControlReply(msg.call_id, False, error=f"bad_request: {text}"))
+        else:
+            req_id = msg.req_id if isinstance(msg, GenerateRequest) else None
+            await self._reply(client, ErrorReply("bad_request", text, req_id, param))
+
     async def _on_client(self, client: bytes, msg) -> None:
         match msg:
             case DecodeError():
                 log.warning("rejected a malformed client message: %s", msg)
-                await self.clients.send_to(client, ErrorReply("bad_request", f"malformed message: {msg}"))
+                await self._reply(client, ErrorReply("bad_request", f"malformed message: {msg}"))
             case GenerateRequest():
-                try:
+                if self.check.input_chars(msg) <= INLINE_CHARS:
                     await self._submit(client, msg)
-                except ValueError as exc:
-                    await self.clients.send_to(client, ErrorReply("bad_request", str(exc), msg.req_id))
-                except Exception as exc:  # noqa: BLE001 - e.g. a chat template that raises
-                    log.warning("refused request %s: %r", msg.req_id, exc)
-                    await self.clients.send_to(client, ErrorReply(
-                        "bad_request", f"{type(exc).__name__}: {exc}", msg.req_id))
+                else:  # tokenized on the helper thread; the loop goes on serving
+                    task = asyncio.ensure_future(self._guarded(client, msg, self._submit(client, msg)))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
             case AbortRequest():
                 rid = self.by_client.get((client, msg.req_id))
                 if rid is not None:
-                    await self.to_scheduler.send(AbortRequest(rid))
+                    await self._abort(rid)
             case ControlCall():
                 await self._control(client, msg)
+
+    async def _abort(self, rid: str) -> None:
+        stream = self.streams[rid]
+        if stream.submitted:
+            await self.to_scheduler.send(AbortRequest(rid))
+        else:
+            stream.aborted = True  # it is being tokenized: _submit drops it
 
     async def _submit(self, client: bytes, req: GenerateRequest) -> None:
         if (client, req.req_id) in self.by_client:
             raise ValueError(f"request id {req.req_id!r} is already in flight")
-        ids = self._prompt_ids(req)
-        max_len = self.cfg.model.max_model_len
-        if len(ids) >= max_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {max_len} "
-                             "and at least one must be left for the output")
-        sp = req.sampling
-        sp.validate()
-        bad = [t for t in [*sp.logit_bias, *sp.stop_token_ids] if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} in logit_bias/stop_token_ids is outside the vocabulary")
-        if req.sampling.max_tokens is not None and len(ids) + sp.max_tokens > max_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({sp.max_tokens}) exceeds "
-                             f"the model's context of {max_len}")
-        resolved = sp.resolve(self.tok.sampling_defaults, max_len - len(ids))
+        self.check.before_tokenizing(req)
         rid = f"{next(self._ids)}"
-        self.streams[rid] = Stream(client, req.req_id, Detokenizer(self.tok.backend, sp.stop,
-                                   sp.include_stop_str_in_output), len(ids), req.stream)
+        stream = Stream(client, req.req_id, req.stream)
+        self.streams[rid] = stream
         self.by_client[(client, req.req_id)] = rid
+        try:
+            if self.check.input_chars(req) <= INLINE_CHARS:
+                ids = self.check.prompt_ids(req)
+            else:
+                loop = asyncio.get_running_loop()
+                ids = await loop.run_in_executor(self._pool, self.check.prompt_ids, req)
+            resolved = self.check.sampling(req, ids)
+        except BaseException:
+            self._close(rid)
+            raise
+        if stream.aborted:
+            self._close(rid)
+            await self._reply(client, RequestOutputs([RequestDelta(req.req_id, finish_reason="abort")]))
+            return
+        sp = req.sampling
+        stream.detok = Detokenizer(self.tok.backend, sp.stop, sp.include_stop_str_in_output)
+        stream.num_prompt_tokens = len(ids)
         eos = [] if sp.ignore_eos else self.tok.eos_token_ids
         await self.to_scheduler.send(TokenizedRequest(rid, ids, resolved, eos, time.time(),
                                                       req.priority, req.offline))
-
-    def _prompt_ids(self, req: GenerateRequest) -> list[int]:
-        given = [x is not None for x in (req.prompt, req.prompt_token_ids, req.messages)]
-        if sum(given) != 1:
-            raise ValueError("give exactly one of prompt, prompt_token_ids or messages")
-        if req.prompt is not None:
-            ids = self.tok.encode(req.prompt, req.add_special_tokens)
-        elif req.messages is not None:
-            if not req.messages:
-                raise ValueError("messages is empty")
-            ids = self.tok.apply_chat(req.messages)
-        else:
-            ids = list(req.prompt_token_ids)
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        return ids
+        stream.submitted = True
 
     async def _control(self, client: bytes, call: ControlCall) -> None:
         if call.method == "model_info":
             info = {"name": self.cfg.model.served_name, "max_model_len": self.cfg.model.max_model_len,
-                    "vocab_size": self.vocab_size, "num_blocks": self.cfg.cache.num_blocks}
-            await self.clients.send_to(client, ControlReply(call.call_id, True, info))
+                    "vocab_size": self.check.vocab_size, "num_blocks": self.cfg.cache.num_blocks}
+            await self._reply(client, ControlReply(call.call_id, True, info))
         elif call.method in ("tokenize", "detokenize"):
-            try:
-                result = self._tokenize(call)
-                reply = ControlReply(call.call_id, True, result)
-            except (ValueError, TypeError, KeyError) as exc:
-                reply = ControlReply(call.call_id, False, error=f"bad_request: {exc}")
-            await self.clients.send_to(client, reply)
+            await self._reply(client, ControlReply(call.call_id, True, await self._tokenize(call)))
         elif call.method in FORWARDED_CALLS:
             own = next(self._calls)
             self.pending_calls[own] = (client, call.call_id)
-            await self.to_scheduler.send(ControlCall(own, call.method, call.args))
+            # NOTE: none of these take arguments: a client's args are not passed inside
+            await self.to_scheduler.send(ControlCall(own, call.method))
         else:
-            await self.clients.send_to(client, ControlReply(call.call_id, False,
-                                                            error=f"unknown method {call.method!r}"))
+            await self._reply(client, ControlReply(call.call_id, False,
+                                                   error=f"unknown method {call.method!r}"))
 
-    def _tokenize(self, call: ControlCall) -> dict:
+    async def _tokenize(self, call: ControlCall) -> dict:
         """``tokenize``: args prompt or messages -> token ids; ``detokenize``: tokens -> text."""
-        args = call.args
         if call.method == "detokenize":
-            tokens = args["tokens"]
-            if not isinstance(tokens, list) or any(not isinstance(t, int) or not 0 <= t < self.vocab_size
-                                                   for t in tokens):
-                raise ValueError("tokens must be a list of token ids inside the vocabulary")
-            return {"prompt": self.tok.decode(tokens)}
-        if "messages" in args:
-            msgs = [ChatMessage(**m) for m in args["messages"]]
-            ids = self.tok.apply_chat(msgs)
-        else:
-            if not isinstance(args.get("prompt"), str):
-                raise ValueError("prompt must be a string")
-            ids = self.tok.encode(args["prompt"], bool(args.get("add_special_tokens", True)))
+            return {"prompt": self.tok.decode(self.check.token_list(call.args.get("tokens")))}
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._pool, self.check.tokenize_call, call.args)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.cfg.model.max_model_len}
 
     # -- from the scheduler -----------------------------------------------------------------
@@ -198,13 +222,12 @@ class FrontendActor(Actor):
             case RequestRejected():
                 stream = self._close(msg.req_id)
                 if stream is not None:
-                    await self.clients.send_to(stream.client, ErrorReply(
-                        msg.code, msg.message, stream.client_req_id))
+                    await self._reply(stream.client, ErrorReply(msg.code, msg.message, stream.client_req_id))
             case ControlReply():
                 client, call_id = self.pending_calls.pop(msg.call_id, (None, 0))
                 if client is not None:
                     msg.call_id = call_id
-                    await self.clients.send_to(client, msg)
+                    await self._reply(client, msg)
 
     async def _on_tokens(self, batch: TokenBatch) -> None:
         per_client: dict[bytes, list[RequestDelta]] = {}
@@ -235,7 +258,7 @@ class FrontendActor(Actor):
             if delta is not None:
                 per_client.setdefault(stream.client, []).append(delta)
         for client, deltas in per_client.items():
-            await self.clients.send_to(client, RequestOutputs(deltas))
+            await self._reply(client, RequestOutputs(deltas))
 
     def _delta(self, s: Stream, text: str, tokens: list[int], reason: str | None,
                logprobs: list[TokenLogprob] | None) -> RequestDelta | None:

@@ -13,16 +13,34 @@ import contextlib
 import logging
 import socket
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..bus.actor import Actor
 from ..config import EngineConfig
 from ..sdk import AsyncClient
 from ..sdk.errors import EngineUnavailableError
+from .errors import ApiError
 from .metrics import Metrics
 from .routes import ShimState, build_app
 
 log = logging.getLogger(__name__)
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, answering requests it cannot parse (a negative
+    Content-Length, a broken request line) with an OpenAI-style JSON body, not plain text."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = ApiError(400, f"invalid HTTP request: {msg}", "invalid_http").response().body
+        event = h11.Response(status_code=400, reason=b"Bad Request", headers=[
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")])
+        self.transport.write(self.conn.send(event))
+        self.transport.write(self.conn.send(h11.Data(data=body)))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.close()
 
 
 class _Server(uvicorn.Server):
@@ -37,7 +55,7 @@ class HttpActor(Actor):
     """Serves ``/v1/completions``, ``/v1/chat/completions`` and friends over HTTP."""
 
     def __init__(self, cfg: EngineConfig) -> None:
-        super().__init__("http", cfg.addresses.launcher)
+        super().__init__("http", cfg.addresses.launcher, cfg.addresses.run_dir)
         self.cfg = cfg
 
     async def setup(self) -> dict:
@@ -48,10 +66,10 @@ class HttpActor(Actor):
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((http.host, http.port))
         self.sock.listen(2048)  # NOTE: before "ready": clients connecting early wait, not fail
-        self.state = ShimState(self.client, http, info["name"], info["max_model_len"], info["vocab_size"],
+        self.state = ShimState(self.client, http, info["name"], info["max_model_len"],
                                Metrics(info["name"]))
         config = uvicorn.Config(build_app(self.state), lifespan="off", log_config=None, log_level="warning",
-                                access_log=False, timeout_graceful_shutdown=2)
+                                access_log=False, timeout_graceful_shutdown=2, http=_Protocol)
         self.server = _Server(config)
         url = f"http://{http.host}:{self.sock.getsockname()[1]}"
         log.info("serving the OpenAI-compatible API of %s at %s", info["name"], url)

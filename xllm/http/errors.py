@@ -7,6 +7,7 @@ JSON response. SDK errors and msgspec decode errors are mapped here, in one plac
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 import msgspec
 from starlette.responses import Response
@@ -16,6 +17,7 @@ from ..sdk.errors import XllmError
 _TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
           408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
           499: "client_closed_request", 500: "internal_error", 503: "service_unavailable"}
+T = TypeVar("T")
 _PATH = re.compile(r"at `\$\.?([^`]*)`|field `([^`]*)`")
 
 
@@ -45,15 +47,26 @@ class ClientGone(Exception):
     """The HTTP client disconnected; its requests were aborted."""
 
 
-def from_decode(exc: Exception) -> ApiError:
-    """A body that is not JSON, not UTF-8, or does not fit the schema: 400 naming the field."""
-    if isinstance(exc, msgspec.ValidationError):
+def decode_body(raw: bytes, cls: type[T]) -> T:
+    """``raw`` decoded as ``cls``; an ``ApiError`` (400) naming what is wrong otherwise.
+
+    NOTE: the cause is decided from the bytes themselves (is it UTF-8? how deep does it
+    nest?), never from the wording of msgspec's message, which changes between releases.
+    """
+    try:
+        return msgspec.json.decode(raw, type=cls)
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply", "too_deep") from None
+    except msgspec.ValidationError as exc:
         m = _PATH.search(str(exc))
         param = (m.group(1) or m.group(2)) if m else None
-        return ApiError(400, f"invalid request body: {exc}", "invalid_type", param or None)
-    if isinstance(exc, UnicodeDecodeError):
-        return ApiError(400, "the request body is not valid UTF-8", "invalid_encoding")
-    return ApiError(400, f"the request body is not valid JSON: {exc}", "invalid_json")
+        raise ApiError(400, f"invalid request body: {exc}", "invalid_type", param or None) from None
+    except msgspec.DecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "the request body is not valid UTF-8", "invalid_encoding") from None
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", "invalid_json") from None
 
 
 def from_sdk(exc: XllmError) -> ApiError:
@@ -61,10 +74,12 @@ def from_sdk(exc: XllmError) -> ApiError:
     if exc.code == "overloaded":
         return ApiError(429, f"the engine is overloaded: {exc.message}", "queue_full")
     if exc.code in ("bad_request", "control_error"):
-        return ApiError(400, exc.message.removeprefix("bad_request: "), "bad_request")
+        # the SDK's prompt_token_ids is the API's prompt (as token ids)
+        param = "prompt" if exc.param == "prompt_token_ids" else exc.param
+        return ApiError(400, exc.message.removeprefix("bad_request: "), "bad_request", param)
     if exc.code == "not_found":
         return ApiError(404, exc.message, "not_found")
-    if exc.code == "timeout":
+    if exc.code in ("timeout", "disconnected"):
         return ApiError(503, exc.message, "engine_unavailable")
     return ApiError(500, exc.message, exc.code)
 

@@ -7,7 +7,6 @@ prompts; choice ``p * n + i`` is the ``i``-th sample of prompt ``p``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .errors import ApiError
@@ -15,8 +14,6 @@ from .schemas import ChatMessageIn, ChatRequest, CompletionRequest, _Sampling
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 MAX_CHOICES = 256  # prompts * n per HTTP request at most
-_FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-           "repetition_penalty")
 
 
 @dataclass
@@ -45,19 +42,19 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
                         "or a list of token-id lists", "invalid_type", "prompt")
 
 
-def completion_choices(req: CompletionRequest, vocab_size: int) -> list[Choice]:
+def completion_choices(req: CompletionRequest) -> list[Choice]:
     """The SDK requests of a completions request."""
     if req.best_of is not None and req.best_of != req.n:
         raise ApiError(400, "best_of other than n is not supported", "unsupported", "best_of")
     if req.echo and req.logprobs is not None:
         raise ApiError(400, "echo together with logprobs is not supported", "unsupported", "echo")
     prompts = completion_prompts(req)
-    sampling = _sampling(req, req.max_tokens, req.logprobs, vocab_size)
+    sampling = _sampling(req, req.max_tokens, req.logprobs)
     inputs = [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
     return _fan_out(req, inputs, sampling)
 
 
-def chat_choices(req: ChatRequest, vocab_size: int) -> list[Choice]:
+def chat_choices(req: ChatRequest) -> list[Choice]:
     """The SDK requests of a chat request."""
     if req.tools:
         raise ApiError(400, "tools are not supported", "unsupported", "tools")
@@ -68,7 +65,7 @@ def chat_choices(req: ChatRequest, vocab_size: int) -> list[Choice]:
     if req.top_logprobs and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    sampling = _sampling(req, max_tokens, k, vocab_size)
+    sampling = _sampling(req, max_tokens, k)
     return _fan_out(req, [{"messages": chat_messages(req.messages)}], sampling)
 
 
@@ -105,12 +102,13 @@ def _fan_out(req: _Sampling, inputs: list[dict], sampling: dict) -> list[Choice]
     return choices
 
 
-def _sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None, vocab: int) -> dict:
-    """``SamplingParams`` keywords; ``None`` values are left out (the engine's defaults)."""
-    for name in _FLOATS:
-        value = getattr(req, name)
-        if value is not None and not math.isfinite(value):
-            raise ApiError(400, f"{name} must be a finite number", "invalid_value", name)
+def _sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None) -> dict:
+    """``SamplingParams`` keywords; ``None`` values are left out (the engine's defaults).
+
+    NOTE: only what is particular to HTTP is checked here (logit_bias keys are strings,
+    top_k -1 means all); ranges and the vocabulary are checked once, by the frontend,
+    whose errors name the field.
+    """
     top_k = req.top_k
     if top_k is not None and top_k < 0:
         if top_k != -1:
@@ -119,22 +117,14 @@ def _sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None, voca
     bias = {}
     for key, value in (req.logit_bias or {}).items():
         try:
-            token = int(key)
+            bias[int(key)] = value
         except ValueError:
             raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", "invalid_value",
                            "logit_bias") from None
-        if not 0 <= token < vocab or not math.isfinite(value):
-            raise ApiError(400, f"logit_bias: token {key} is outside the vocabulary or its bias "
-                                "is not finite", "invalid_value", "logit_bias")
-        bias[token] = value
-    stop_ids = list(req.stop_token_ids or [])
-    if any(t >= vocab for t in stop_ids):
-        raise ApiError(400, "stop_token_ids must be inside the vocabulary", "invalid_value",
-                       "stop_token_ids")
     kw = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=top_k,
               min_p=req.min_p, seed=req.seed, stop=[req.stop] if isinstance(req.stop, str) else req.stop,
-              stop_token_ids=stop_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-              include_stop_str_in_output=req.include_stop_str_in_output,
+              stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
+              min_tokens=req.min_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
               repetition_penalty=req.repetition_penalty, logit_bias=bias, logprobs=logprobs)
     return {k: v for k, v in kw.items() if v is not None}

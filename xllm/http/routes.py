@@ -25,7 +25,7 @@ from ..config import HttpConfig
 from ..sdk import AsyncClient
 from ..sdk.errors import XllmError
 from . import sse
-from .errors import ApiError, ClientGone, from_decode, from_sdk
+from .errors import ApiError, ClientGone, decode_body, from_sdk
 from .formats import ChatFormat, CompletionFormat, Format
 from .generation import Generation
 from .metrics import Metrics
@@ -46,7 +46,6 @@ class ShimState:
     cfg: HttpConfig
     model: str  # the served model's name
     max_model_len: int
-    vocab_size: int
     metrics: Metrics
     generations: set[Generation] = field(default_factory=set)  # requests being answered
 
@@ -69,7 +68,7 @@ def build_app(state: ShimState) -> FastAPI:
     async def completions(request: Request) -> Response:
         req = await read_body(request, CompletionRequest, state.cfg.max_body_bytes)
         check_model(state, req.model)
-        choices = completion_choices(req, state.vocab_size)
+        choices = completion_choices(req)
         echo = await _echo_texts(state, req) if req.echo else None
         fmt = CompletionFormat(state.model, choices, req.logprobs, _usage_asked(req), echo)
         return await generate(request, state, fmt, choices, req.stream)
@@ -78,7 +77,7 @@ def build_app(state: ShimState) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         req = await read_body(request, ChatRequest, state.cfg.max_body_bytes)
         check_model(state, req.model)
-        choices = chat_choices(req, state.vocab_size)
+        choices = chat_choices(req)
         top_k = (req.top_logprobs or 0) if req.logprobs else None
         fmt = ChatFormat(state.model, choices, top_k, _usage_asked(req))
         return await generate(request, state, fmt, choices, req.stream)
@@ -173,10 +172,7 @@ async def read_body(request: Request, cls: type[T], limit: int) -> T:
         body += chunk
         if len(body) > limit:
             raise ApiError(413, f"the request body is larger than {limit} bytes", "body_too_large")
-    try:
-        return msgspec.json.decode(bytes(body), type=cls)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise from_decode(exc) from None
+    return decode_body(bytes(body), cls)
 
 
 def check_model(state: ShimState, name: str) -> None:

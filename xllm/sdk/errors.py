@@ -6,11 +6,13 @@ from __future__ import annotations
 class XllmError(Exception):
     """The engine refused or failed a request; ``code`` says why in one word."""
 
-    def __init__(self, code: str, message: str, req_id: str | None = None) -> None:
+    def __init__(self, code: str, message: str, req_id: str | None = None,
+                 param: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.req_id = req_id
+        self.param = param  # the request field at fault, when the server named one
 
 
 class BadRequestError(XllmError):
@@ -22,9 +24,10 @@ class OverloadedError(XllmError):
 
 
 class EngineUnavailableError(XllmError):
-    """No answer from the deployment within the timeout."""
+    """No answer from the deployment within the timeout, or the connection to it was lost
+    (``code`` "timeout" or "disconnected")."""
 
 
-def error_for(code: str, message: str, req_id: str | None = None) -> XllmError:
+def error_for(code: str, message: str, req_id: str | None = None, param: str | None = None) -> XllmError:
     cls = {"bad_request": BadRequestError, "overloaded": OverloadedError}.get(code, XllmError)
-    return cls(code, message, req_id)
+    return cls(code, message, req_id, param)
