@@ -26,7 +26,7 @@ from ..protocol import SamplingParams, StepPlan, StepResult
 from .graph_runner import DecodeGraphs
 from .kv_cache import allocate_kv_cache
 from .logits_processors import apply_processors
-from .sampler import Sampler, SamplingBatch, token_logprobs
+from .sampler import Sampler, SamplingBatch, seed_for_token, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class ModelRunner:
             self.requests.pop(rid, None)
         for new in plan.new_requests:
             seed = new.sampling.seed
-            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            gen = torch.Generator() if seed is not None else None  # seeded per token: seed_for_token
             sp = new.sampling
             has_proc = bool(sp.logit_bias or sp.presence_penalty or sp.frequency_penalty
                             or sp.repetition_penalty != 1.0 or sp.min_tokens)
@@ -114,6 +114,9 @@ class ModelRunner:
         raw = logits[want_lp].clone() if want_lp else None
         if any(s.has_processors for s in states):
             apply_processors(logits, states)
+        for s in states:
+            if s.generator is not None:
+                seed_for_token(s.generator, s.sampling.seed, len(s.token_ids) - s.num_prompt_tokens)
         batch = SamplingBatch.build([s.sampling for s in states], [s.generator for s in states],
                                     self.spec.vocab_size)
         sampled = self.sampler(logits, batch)

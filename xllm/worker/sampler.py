@@ -4,6 +4,11 @@ Greedy rows take the arg-max. Other rows apply temperature, top-k, top-p and min
 masks over one sort of the batch, then draw with the exponential race
 (``argmax(p / E)``, ``E ~ Exp(1)``), which samples from ``p`` exactly. Rows with a
 seed draw ``E`` from their own generator, so the same seed gives the same output.
+
+NOTE (invariant): a seeded request's noise for output token ``n`` depends only on
+(seed, n) (``seed_for_token``), not on how many draws came before. A request that was
+preempted and recomputed, or moved to another worker, therefore samples the same tokens
+as one that never was.
 """
 
 from __future__ import annotations
@@ -43,6 +48,17 @@ class SamplingBatch:
             all_greedy=all_greedy,
             needs_sort=any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p),
         )
+
+
+_MASK = 2**64 - 1
+
+
+def seed_for_token(gen: torch.Generator, seed: int, n: int) -> None:
+    """Seed ``gen`` for a request's ``n``-th output token (splitmix64 of seed and n)."""
+    z = (seed + (n + 1) * 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    gen.manual_seed(z ^ (z >> 31))
 
 
 class Sampler:
