@@ -60,12 +60,15 @@ class SchedulerConfig:
     policy: str = "fcfs"
     async_scheduling: bool = True  # plan step N+1 while the workers run step N
     max_queued_requests: int = 10_000  # more waiting requests than this are refused
+    worker_stall_timeout_s: float = 10.0  # a step or a silent worker past this: health fails
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.worker_stall_timeout_s <= 0:
+            raise ValueError("worker_stall_timeout_s must be positive")
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,15 @@ class ParallelConfig:
     """How many worker processes (ranks) one instance uses."""
 
     tp_size: int = 1
-    threads_per_worker: int = 0  # torch threads per worker; 0 = cores / tp_size
+    threads_per_worker: int = 1  # torch threads per worker (the launcher's default: cores / tp_size)
     micro_batch_overlap: bool = False  # two micro-batches: all-reduce of one beside compute of the other
     shm_collectives: bool = True  # CPU ranks of one host: all-reduce/all-gather through shared memory
 
     def __post_init__(self) -> None:
         if self.tp_size < 1:
             raise ValueError("tp_size must be at least 1")
+        if self.threads_per_worker < 1:
+            raise ValueError("threads_per_worker must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from ..protocol import (
     AbortRequest, ControlCall, ControlReply, RequestRejected, SchedulerInput, StepResult,
     TokenizedRequest, WorkerError, WorkerOutput,
 )
+from .health import PING_INTERVAL_S, WorkerWatch
 from .scheduler import Scheduler, StepOutputs
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,12 @@ class SchedulerActor(Actor):
     """Owns the request queues and the KV block bookkeeping of one instance."""
 
     def __init__(self, cfg: EngineConfig) -> None:
-        super().__init__("scheduler", cfg.addresses.launcher)
+        super().__init__("scheduler", cfg.addresses.launcher, cfg.addresses.run_dir)
         self.cfg = cfg
         self.core = Scheduler(cfg.scheduler, cfg.cache, cfg.model.max_model_len)
         self.depth = 2 if cfg.scheduler.async_scheduling else 1
         self.in_flight = 0
+        self.watch = WorkerWatch(cfg.parallel.tp_size, cfg.scheduler.worker_stall_timeout_s)
 
     async def setup(self) -> dict:
         a = self.cfg.addresses
@@ -57,8 +59,12 @@ class SchedulerActor(Actor):
                     for ch in self.plans:
                         await ch.send(plan)
                     self.in_flight += 1
+                    self.watch.step_sent()
                     continue
-            await self.poller.poll()
+            if self.watch.ping_due():
+                for ch in self.plans:
+                    await ch.send(ControlCall(0, "ping"))
+            await self.poller.poll(None if self.in_flight else int(PING_INTERVAL_S * 1000))
 
     async def _recv(self, ch):
         try:
@@ -71,9 +77,12 @@ class SchedulerActor(Actor):
         match msg:
             case StepResult():
                 self.in_flight -= 1
+                self.watch.step_done()
                 await self._emit(msg.step_id, self.core.update(msg))
             case WorkerError():
                 raise RuntimeError(f"a worker failed in step {msg.step_id}: {msg.message}")
+            case ControlReply(result={"rank": int(rank)}):
+                self.watch.heard_from(rank)
             case ControlReply():
                 pass
 
@@ -105,6 +114,9 @@ class SchedulerActor(Actor):
             case "stats":
                 return ControlReply(call.call_id, True, core.snapshot())
             case "health":
+                problem = self.watch.problem()
+                if problem is not None:
+                    return ControlReply(call.call_id, False, error=f"unavailable: {problem}")
                 return ControlReply(call.call_id, True, {"in_flight": self.in_flight})
             case "reset_prefix_cache":
                 return ControlReply(call.call_id, True, core.blocks.reset_prefix_cache())

@@ -2,6 +2,12 @@
 
 One background task reads the socket and routes each delta to its request's queue
 and each control reply to its caller, so many requests share one connection.
+
+NOTE (invariant): nothing waits forever on a deployment that is gone. A second task
+watches the connection (ZeroMQ's socket monitor, with ZMTP heartbeats so a frozen
+peer counts as gone too); when it drops, every request and call in flight fails with
+``EngineUnavailableError`` ("disconnected"), and so does every new one until the
+connection is back (the socket reconnects by itself).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any, AsyncIterator
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from ..bus.channel import Channel
 from ..protocol import (
@@ -22,6 +29,9 @@ from ..protocol import (
     RequestDelta, RequestOutputs, SamplingParams,
 )
 from .errors import EngineUnavailableError, XllmError, error_for
+
+HEARTBEAT_MS = 2_000  # ZMTP ping interval
+HEARTBEAT_TIMEOUT_MS = 10_000  # no traffic for this long: the peer is gone
 
 
 @dataclass
@@ -43,13 +53,18 @@ class AsyncClient:
     def __init__(self, address: str) -> None:
         self.address = address
         self._ctx = zmq.asyncio.Context()
-        self._ch = Channel(self._ctx, zmq.DEALER, address, bind=False, union=ClientReply)
+        options = {zmq.HEARTBEAT_IVL: HEARTBEAT_MS, zmq.HEARTBEAT_TIMEOUT: HEARTBEAT_TIMEOUT_MS}
+        self._ch = Channel(self._ctx, zmq.DEALER, address, bind=False, union=ClientReply, options=options)
+        self._monitor = self._ch.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._queues: dict[str, asyncio.Queue] = {}
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count(1)
         self._prefix = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
         self._reader: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        self._lost: EngineUnavailableError | None = None  # set while a lost connection is down
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -58,10 +73,13 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._reader = self._watcher = None
+        self._ch.sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._ch.close()
         self._ctx.term()
 
@@ -103,6 +121,8 @@ class AsyncClient:
     async def _run(self, req: GenerateRequest) -> AsyncIterator[RequestDelta]:
         self._ensure_reader()
         queue: asyncio.Queue = asyncio.Queue()
+        if self._lost is not None:
+            raise self._lost
         self._queues[req.req_id] = queue
         finished = False
         try:
@@ -119,7 +139,7 @@ class AsyncClient:
                     return
         finally:
             self._queues.pop(req.req_id, None)
-            if not finished:
+            if not finished and self._lost is None:
                 await self.abort(req.req_id)
 
     async def abort(self, req_id: str) -> None:
@@ -130,6 +150,8 @@ class AsyncClient:
     async def call(self, method: str, timeout: float | None = 30.0, **args: Any) -> Any:
         """Run a control method (``stats``, ``health``, ``model_info``...) and return its result."""
         self._ensure_reader()
+        if self._lost is not None:
+            raise self._lost
         call_id = next(self._call_ids)
         fut = asyncio.get_running_loop().create_future()
         self._calls[call_id] = fut
@@ -154,13 +176,32 @@ class AsyncClient:
             try:
                 await self.call("health", timeout=min(2.0, left))
                 return
-            except EngineUnavailableError:
-                continue
+            except EngineUnavailableError as exc:
+                if exc.code == "disconnected":
+                    await asyncio.sleep(min(0.1, left))
+            except XllmError:  # it answers, but cannot take a step yet
+                await asyncio.sleep(min(0.2, left))
 
     # -- the reader -----------------------------------------------------------------------
     def _ensure_reader(self) -> None:
         if self._reader is None:
             self._reader = asyncio.ensure_future(self._read())
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        """Follow the connection: fail everything in flight when it drops."""
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._lost = None
+            elif event == zmq.EVENT_DISCONNECTED and self._lost is None:
+                self._lost = EngineUnavailableError(
+                    "disconnected", f"the connection to the deployment at {self.address} was lost")
+                for q in self._queues.values():
+                    q.put_nowait(self._lost)
+                for fut in self._calls.values():
+                    if not fut.done():
+                        fut.set_exception(self._lost)
 
     async def _read(self) -> None:
         while True:
@@ -172,7 +213,7 @@ class AsyncClient:
                         if q is not None:
                             q.put_nowait(d)
                 case ErrorReply():
-                    err = error_for(msg.code, msg.message, msg.req_id)
+                    err = error_for(msg.code, msg.message, msg.req_id, msg.param)
                     q = self._queues.get(msg.req_id or "")
                     if q is not None:
                         q.put_nowait(err)

@@ -9,8 +9,6 @@ KV state may be half-updated must not keep serving.
 from __future__ import annotations
 
 import logging
-import os
-
 
 import zmq
 
@@ -29,7 +27,7 @@ class WorkerActor(Actor):
     """Holds the weights and KV cache of one rank and executes step plans."""
 
     def __init__(self, cfg: EngineConfig, rank: int) -> None:
-        super().__init__(f"worker-{rank}", cfg.addresses.launcher)
+        super().__init__(f"worker-{rank}", cfg.addresses.launcher, cfg.addresses.run_dir)
         self.cfg = cfg
         self.rank = rank
         self.runner: ModelRunner | None = None
@@ -38,12 +36,12 @@ class WorkerActor(Actor):
         import torch
 
         par = self.cfg.parallel
-        threads = par.threads_per_worker or max(1, (os.cpu_count() or 1) // par.tp_size)
+        threads = par.threads_per_worker  # resolved by the launcher
         torch.set_num_threads(threads)
         tp = self._init_tp()
         self.plans = self.channel(zmq.PULL, self.cfg.addresses.plan(self.rank), bind=False, union=WorkerInput)
-        self.results = (self.channel(zmq.PUSH, self.cfg.addresses.results, bind=False)
-                        if self.rank == 0 else None)
+        # every rank answers heartbeats; only rank 0 sends step results
+        self.results = self.channel(zmq.PUSH, self.cfg.addresses.results, bind=False)
         hf = read_hf_config(self.cfg.model.path)
         # NOTE: graphs are single-rank for now: collectives stay eager (tp > 1 runs eagerly)
         eager = self.cfg.model.enforce_eager or par.tp_size > 1
@@ -96,20 +94,20 @@ class WorkerActor(Actor):
         try:
             result = self.runner.execute(plan)
         except Exception as exc:
-            if self.results is not None:
+            if self.rank == 0:
                 await self.results.send(WorkerError(plan.step_id, f"{type(exc).__name__}: {exc}"))
             raise
-        if self.results is not None:
+        if self.rank == 0:
             await self.results.send(result)
 
     async def _control(self, call: ControlCall) -> None:
-        if call.method == "stats":
-            result = {"rank": self.rank, "num_requests": len(self.runner.requests)}
-            reply = ControlReply(call.call_id, True, result)
-        else:
-            reply = ControlReply(call.call_id, False, error=f"unknown method {call.method!r}")
-        if self.results is not None:
+        if call.method == "ping":  # the scheduler's heartbeat: this rank can take a step
+            await self.results.send(ControlReply(call.call_id, True, {"rank": self.rank}))
+        elif self.rank == 0:
+            if call.method == "stats":
+                reply = ControlReply(call.call_id, True,
+                                     {"rank": self.rank, "num_requests": len(self.runner.requests)})
+            else:
+                reply = ControlReply(call.call_id, False, error=f"unknown method {call.method!r}")
             await self.results.send(reply)
-
-
 
