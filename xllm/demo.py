@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preparing {args.model} (made once, then cached)...", flush=True)
         args.model = str(ensure_model(args.model.removeprefix("preset:")))
     with tempfile.TemporaryDirectory(prefix="xllm-demo-") as tmp:
-        print("launching the deployment...", flush=True)
-        with launch(args.model, Path(tmp), *args.launch_args) as dep:
+        print("launching the deployment; its progress follows (a first start compiles the decode "
+              "graphs, which takes minutes; later starts reuse them)", flush=True)
+        with launch(args.model, Path(tmp), *args.launch_args, echo=True) as dep:
             print(f"ready: {', '.join(f'{k} (pid {v})' for k, v in dep.pids.items())}")
             asyncio.run(_run(dep.address, args.requests, args.max_tokens))
             code = dep.stop()

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .actors import die_with_parent
+
 
 class Deployment:
     """A running ``xllm-launch`` process; ``address`` is where the SDK connects."""
@@ -56,7 +58,8 @@ def launch(model: str | Path, run_dir: Path, *args: str, timeout: float = 600.0,
     cmd = [sys.executable, "-m", "xllm.launch", "--model", str(model), "--address", address,
            "--ready-file", str(ready), *args]
     out = open(log, "wb")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    # NOTE: the launcher follows this process if it dies (a test runner killed outright)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     out.close()
     shown = 0
     deadline = time.monotonic() + timeout
@@ -72,6 +75,8 @@ def launch(model: str | Path, run_dir: Path, *args: str, timeout: float = 600.0,
                 raise RuntimeError(f"xllm-launch not ready after {timeout} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.05)
         time.sleep(0.05)  # the file is written; let the writer close it
+        if echo:
+            sys.stderr.write(log.read_bytes()[shown:].decode(errors="replace"))
         dep = Deployment(proc, address, json.loads(ready.read_text()), log)
         yield dep
     finally:

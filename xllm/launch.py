@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
+import os
 import logging
 import shutil
 import signal
@@ -27,12 +29,21 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7100"
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where X says something (the help text covers None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is argparse.SUPPRESS or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xllm-launch",
         description="Start an xllm deployment (frontend, scheduler and worker processes) and "
                     "serve it until SIGINT/SIGTERM or until an actor dies.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True,
                    help="Hugging Face model directory, or preset:NAME for a model made by the "
@@ -40,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight and activation dtype; auto takes the checkpoint's (float16 runs as bfloat16)")
     m.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + output tokens per request (default: the model's maximum)")
+                   help="prompt + output tokens per request; unset: the model's maximum")
     m.add_argument("--served-model-name", default=None,
-                   help="the name clients use (default: the model directory's name)")
+                   help="the name clients use; unset: the model directory's name")
     m.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
     m.add_argument("--enforce-eager", action="store_true",
                    help="no compiled decode graphs (faster start, slower decode)")
@@ -61,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan each step only after the previous one finished")
     s.add_argument("--max-queued-requests", type=int, default=10_000,
                    help="waiting requests beyond this are refused")
+    s.add_argument("--worker-stall-timeout", type=float, default=10.0,
+                   help="seconds a step may run, or a worker stay silent, before health reports "
+                        "the instance unavailable (at least 8x the slowest step seen)")
     h = p.add_argument_group("HTTP (the OpenAI-compatible shim)")
     h.add_argument("--http-port", type=int, default=0,
                    help="serve the OpenAI-compatible HTTP API on this port (0: no HTTP server)")
@@ -82,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --tp > 1 on CPU: all-reduce through gloo instead of shared memory")
     d.add_argument("--threads-per-worker", type=int, default=0,
                    help="torch threads per worker (0: CPU cores / tp)")
+    d.add_argument("--allow-remote-clients", action="store_true",
+                   help="let --address bind to a non-loopback interface; anyone who reaches it "
+                        "can use the deployment (there is no authentication yet)")
     d.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for ready")
     d.add_argument("--ready-file", default=None,
                    help="write a JSON file with the address and actor pids once ready")
@@ -105,6 +122,10 @@ def resolve_config(args: argparse.Namespace, run_dir: str) -> EngineConfig:
     if dtype == "auto":
         saved = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
         dtype = "float32" if saved == "float32" else "bfloat16"
+    check_exposure(args.address, args.allow_remote_clients)
+    if args.http_port and not _is_loopback(args.http_host):
+        log.warning("the HTTP API listens on %s, beyond this machine, without authentication",
+                    args.http_host)
     max_len = min(args.max_model_len or spec.max_position, spec.max_position)
     bs = args.block_size
     block_bytes = 2 * spec.num_layers * bs * spec.num_kv_heads * spec.head_dim * DTYPE_BYTES[dtype]
@@ -120,8 +141,10 @@ def resolve_config(args: argparse.Namespace, run_dir: str) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
                                   policy=args.policy, async_scheduling=not args.no_async_scheduling,
-                                  max_queued_requests=args.max_queued_requests),
-        parallel=ParallelConfig(tp_size=args.tp, threads_per_worker=args.threads_per_worker,
+                                  max_queued_requests=args.max_queued_requests,
+                                  worker_stall_timeout_s=args.worker_stall_timeout),
+        parallel=ParallelConfig(tp_size=args.tp,
+                                threads_per_worker=args.threads_per_worker or max(1, (os.cpu_count() or 1) // args.tp),
                                 micro_batch_overlap=args.micro_batch_overlap,
                                 shm_collectives=not args.no_shm_collectives),
         addresses=Addresses(frontend=args.address, run_dir=run_dir),
@@ -129,6 +152,32 @@ def resolve_config(args: argparse.Namespace, run_dir: str) -> EngineConfig:
                         request_timeout_s=args.request_timeout,
                         max_concurrent_requests=args.http_max_concurrent),
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def check_exposure(address: str, allowed: bool) -> None:
+    """Refuse to bind the SDK socket beyond this machine unless the user asked for it.
+
+    NOTE: the SDK socket accepts every client that reaches it, control calls included;
+    ``ipc://`` sockets live in a directory only this user can enter.
+    """
+    if not address.startswith("tcp://"):
+        return
+    host = address.removeprefix("tcp://").rsplit(":", 1)[0]
+    if _is_loopback(host):
+        return
+    if not allowed:
+        raise ValueError(f"--address {address} would accept clients from other machines without "
+                         "authentication; bind to 127.0.0.1, or pass --allow-remote-clients")
+    log.warning("the SDK socket %s accepts clients from other machines without authentication", address)
 
 
 async def serve(cfg: EngineConfig, config_file: Path, args: argparse.Namespace) -> int:
@@ -165,10 +214,35 @@ async def serve(cfg: EngineConfig, config_file: Path, args: argparse.Namespace) 
         sup.stop()
 
 
+RUN_DIR_PREFIX = "xllm-run-"
+
+
+def _exit_on_signal(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through main's finally: the run dir goes
+
+
+def sweep_stale_run_dirs() -> None:
+    """Remove run directories of launchers that died without cleaning up (SIGKILL)."""
+    for d in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
+        try:
+            pid = int(d.name.removeprefix(RUN_DIR_PREFIX).split("-", 1)[0])
+            if d.stat().st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, OSError):
+            continue
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [launcher] %(message)s")
-    run_dir = tempfile.mkdtemp(prefix="xllm-")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
+    sweep_stale_run_dirs()
+    # NOTE: the launcher's pid is in the name, so a later launcher can tell a stale one
+    run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-")
     try:
         try:
             cfg = resolve_config(args, run_dir)

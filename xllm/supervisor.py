@@ -50,12 +50,13 @@ class Supervisor:
         self.ready: dict[str, ActorReady] = {}
 
     def _plan(self, cfg: EngineConfig, config_file: Path) -> list[ActorProcess]:
-        base = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        base = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+                "XLLM_LAUNCHER_PID": str(os.getpid())}
         # compiled decode graphs survive restarts in inductor's on-disk cache
         base.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "xllm" / "inductor"))
         py = [sys.executable, "-m", "xllm.actors"]
         tp = cfg.parallel.tp_size
-        threads = cfg.parallel.threads_per_worker or max(1, (os.cpu_count() or 1) // tp)
+        threads = cfg.parallel.threads_per_worker  # resolved by the launcher
         actors = [ActorProcess(f"worker-{r}", py + ["worker", str(config_file), str(r)],
                                {**base, "OMP_NUM_THREADS": str(threads)}) for r in range(tp)]
         light = {**base, "OMP_NUM_THREADS": "1"}

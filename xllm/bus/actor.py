@@ -5,6 +5,12 @@ tells the launcher it is ready, and ``run()`` serves until SIGTERM/SIGINT or unt
 ``run()`` returns. An exception that escapes ``run()`` is reported to the launcher as
 ``ActorFailed`` (named), and the process exits non-zero so the launcher tears the
 deployment down.
+
+NOTE (invariant): a stop request is obeyed in every phase. While ``setup()`` runs (it
+may load weights and compile graphs for minutes, without yielding) SIGTERM/SIGINT end
+the process at once; only a started actor stops gracefully. An actor whose launcher is
+gone (it gets SIGHUP as its parent-death signal) also removes the deployment's run
+directory, which the dead launcher can no longer clean up.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -29,9 +36,10 @@ log = logging.getLogger(__name__)
 class Actor:
     """Base class of the frontend, scheduler and worker processes."""
 
-    def __init__(self, name: str, launcher_address: str | None) -> None:
+    def __init__(self, name: str, launcher_address: str | None, run_dir: str | None = None) -> None:
         self.name = name
         self.launcher_address = launcher_address
+        self.run_dir = run_dir  # the deployment's private directory (ipc sockets, config)
         self.ctx = zmq.asyncio.Context()
         self.channels: list[Channel] = []
         self._stopping: asyncio.Event | None = None  # created inside the loop
@@ -65,13 +73,33 @@ class Actor:
             await asyncio.sleep(0.05)  # let the frame leave before the socket closes
             ch.close()
 
+    def _exit_now(self, signum: int, _frame: Any) -> None:
+        """Stop during setup: nothing is serving yet, so nothing needs a graceful end."""
+        if signum == signal.SIGHUP:
+            self._remove_run_dir()
+        os._exit(128 + signum)
+
+    def _stop(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self._remove_run_dir()
+        self._stopping.set()
+
+    def _remove_run_dir(self) -> None:
+        # NOTE: SIGHUP is this actor's parent-death signal (xllm.actors): the launcher is
+        # gone and cannot remove the run directory itself
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
     async def _main(self) -> int:
         self._stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        for sig in signals:
+            signal.signal(sig, self._exit_now)
         try:
             info = await self.setup()
+            for sig in signals:
+                loop.add_signal_handler(sig, self._stop, sig)
             await self._notify(ActorReady(name=self.name, pid=os.getpid(), info=info))
             run = asyncio.ensure_future(self.run())
             stop = asyncio.ensure_future(self._stopping.wait())
