@@ -30,7 +30,9 @@ def _rank(rank: int, size: int, init_file: str, out) -> None:
     pa.wait()
     got["a"], got["b"] = a, b
     got["gather"] = comm.all_gather_last(torch.full((2, 3), float(rank)))
-    out.put((rank, got))
+    # NOTE: by value (numpy), not as shared tensors: this process may be gone before the
+    # parent reads the queue, and a shared tensor's memory would go with it
+    out.put((rank, {k: (str(v.dtype), v.float().numpy()) for k, v in got.items()}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -42,7 +44,9 @@ def test_collectives_sum_and_gather_identically_on_every_rank(size, tmp_path):
     procs = [ctx.Process(target=_rank, args=(r, size, str(tmp_path / "init"), out)) for r in range(size)]
     for p in procs:
         p.start()
-    results = dict(out.get(timeout=120) for _ in range(size))
+    dtypes = {"torch.bfloat16": torch.bfloat16, "torch.float32": torch.float32}
+    results = {rank: {k: torch.from_numpy(a).to(dtypes[dt]) for k, (dt, a) in got.items()}
+               for rank, got in (out.get(timeout=120) for _ in range(size))}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
