@@ -1,6 +1,6 @@
 """Drive a live deployment through the SDK and record every request's timeline.
 
-``deployment`` starts ``xllm-launch`` the way a user does (``xllm.deployment.launch``);
+``deployment`` starts ``xllm-launch`` the way a user does (``xllm.deploy.harness.launch``);
 ``run_concurrent`` sends a workload all at once and streams every request, so each
 record holds the arrival time of every step's tokens.
 """
@@ -17,7 +17,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from xllm.deployment import Deployment, launch
+from xllm.deploy.harness import Deployment, launch
 from xllm.sdk import AsyncClient
 
 from .common import BenchRequest, RequestRecord

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from xllm.deployment import launch
+from xllm.deploy.harness import launch
 
 from .common import base_parser, report, resolve_model, table
 

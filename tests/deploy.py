@@ -1,4 +1,4 @@
-"""Test helpers around ``xllm.deployment``: start deployments, check nothing is left."""
+"""Test helpers around ``xllm.deploy.harness``: start deployments, check nothing is left."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from typing import Iterator
 
 import psutil
 
-from xllm.deployment import Deployment
-from xllm.deployment import launch as launch_deployment
+from xllm.deploy.harness import Deployment
+from xllm.deploy.harness import launch as launch_deployment
 
 __all__ = ["Deployment", "launch", "wait_gone"]
 
 
 @contextmanager
 def launch(model, tmp: Path, *args: str, graphs: bool = False, **kw) -> Iterator[Deployment]:
-    """``xllm.deployment.launch`` with compiled decode graphs off unless ``graphs`` (compiling
+    """``xllm.deploy.harness.launch`` with compiled decode graphs off unless ``graphs`` (compiling
     takes seconds per batch bucket; one test covers graph mode)."""
     flags = args if graphs else ("--enforce-eager", *args)
     with launch_deployment(model, tmp, *flags, **kw) as dep:

@@ -1,7 +1,7 @@
 """Configuration: small frozen dataclasses, one per concern, validated when built.
 
 Each actor takes only the pieces it needs. The launcher is the one place that parses
-the command line (``xllm.launch``) and resolves derived values (dtype, context length,
+the command line (``xllm.deploy.launcher``) and resolves derived values (dtype, context length,
 KV block count) before any actor starts, so every actor sees the same numbers.
 """
 
@@ -73,18 +73,24 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How many worker processes (ranks) one instance uses."""
+    """How an instance's worker ranks cooperate (their number is the instance's ``tp_size``)."""
 
-    tp_size: int = 1
-    threads_per_worker: int = 1  # torch threads per worker (the launcher's default: cores / tp_size)
     micro_batch_overlap: bool = False  # two micro-batches: all-reduce of one beside compute of the other
     shm_collectives: bool = True  # CPU ranks of one host: all-reduce/all-gather through shared memory
 
+
+ROUTER_POLICIES = ("round_robin", "prefix_cache_aware", "kv_cache_aware")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The global scheduler (``xllm.router``): how it places requests on instances."""
+
+    policy: str = "prefix_cache_aware"
+
     def __post_init__(self) -> None:
-        if self.tp_size < 1:
-            raise ValueError("tp_size must be at least 1")
-        if self.threads_per_worker < 1:
-            raise ValueError("threads_per_worker must be at least 1")
+        if self.policy not in ROUTER_POLICIES:
+            raise ValueError(f"router policy must be one of {', '.join(ROUTER_POLICIES)}; got {self.policy!r}")
 
 
 @dataclass(frozen=True)
@@ -109,48 +115,17 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
-class Addresses:
-    """Where every socket of one deployment lives. ``ipc://`` here; ``tcp://`` works too."""
-
-    frontend: str  # clients (SDK) connect here
-    run_dir: str  # holds the ipc sockets of the internal channels
-
-    def _ipc(self, name: str) -> str:
-        return f"ipc://{self.run_dir}/{name}"
-
-    @property
-    def launcher(self) -> str:
-        return self._ipc("launcher")
-
-    @property
-    def scheduler_in(self) -> str:
-        return self._ipc("scheduler-in")
-
-    @property
-    def frontend_in(self) -> str:
-        return self._ipc("frontend-in")
-
-    def plan(self, rank: int) -> str:
-        return self._ipc(f"plan-{rank}")
-
-    @property
-    def results(self) -> str:
-        return self._ipc("results")
-
-    def dist_init_file(self) -> str:
-        return f"file://{self.run_dir}/dist-init"
-
-
-@dataclass(frozen=True)
 class EngineConfig:
-    """Everything one deployment runs with; each actor takes the parts it needs."""
+    """The engine settings every instance of a deployment shares; each actor takes the
+    parts it needs. Where the actors are and how many is the deployment plan's business
+    (``xllm.deploy.plan``)."""
 
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    addresses: Addresses = field(default_factory=lambda: Addresses("", ""))
     http: HttpConfig = field(default_factory=HttpConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .deployment import launch
+from .deploy.harness import launch
 from .sdk import AsyncClient
 
 TOPICS = ["the sea", "a city at night", "old machines", "winter bread", "a quiet library",

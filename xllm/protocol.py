@@ -129,6 +129,7 @@ class ControlCall(msgspec.Struct, tag="control_call"):
     call_id: int  # chosen by the caller, echoed in the reply
     method: str  # e.g. "health", "stats", "shutdown"
     args: dict[str, Any] = {}
+    reply_to: str = ""  # where the answer goes, on one-way sockets (a router's reports)
 
 
 class ControlReply(msgspec.Struct, tag="control_reply"):
@@ -183,12 +184,13 @@ class RequestDelta(msgspec.Struct, omit_defaults=True):
     req_id: str
     text: str = ""  # new detokenized text (stop strings held back until resolved)
     token_ids: list[int] = []  # new token ids
-    finish_reason: str | None = None  # "stop", "length", "abort" when finished
+    finish_reason: str | None = None  # "stop", "length", "abort"; "error" with ``error``
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # output tokens so far, this delta included
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     logprobs: list[TokenLogprob] | None = None  # one per new token, when asked for
     queue_time: float = 0.0  # seconds from arrival to the first step that ran it
+    error: str | None = None  # why it ended, when finish_reason is "error"
 
 
 class RequestOutputs(msgspec.Struct, tag="outputs"):
@@ -210,27 +212,43 @@ ClientReply = Union[RequestOutputs, ErrorReply, ControlReply]
 
 
 # --------------------------------------------------------------------------------------
-# Frontend <-> scheduler: PUSH -> PULL both ways
+# Frontend -> router -> scheduler; scheduler -> frontend (the request's route)
+#
+# A frontend sends requests, aborts and control calls to the router (DEALER -> ROUTER);
+# the router forwards each request to one instance's scheduler (PUSH -> PULL). Outputs
+# skip the router: a scheduler sends them straight to the route the request carries.
 # --------------------------------------------------------------------------------------
 
 
 class TokenizedRequest(msgspec.Struct, tag="tokenized"):
     """A request ready to schedule: token ids and the resolved end conditions."""
 
-    req_id: str  # frontend-unique id
+    req_id: str  # unique in the deployment: the frontend's id, a dash, its counter
     prompt_token_ids: list[int]
     sampling: SamplingParams
     eos_token_ids: list[int]  # the model's EOS ids (empty when ignore_eos)
     arrival_time: float  # time.time() at the frontend
     priority: int = 0
     offline: bool = False
+    reply_to: str = ""  # where the scheduler sends this request's outputs (a frontend)
+    block_hashes: list[int] = []  # chained hashes of the prompt's full blocks (block_hash.py)
+    block_size: int = 0  # the block size block_hashes were computed for
 
 
+class InstanceLost(msgspec.Struct, tag="instance_lost"):
+    """Router -> frontend: an instance is gone; these of your requests were on it."""
+
+    instance_id: str
+    req_ids: list[str]
+
+
+RouterInput = Union[TokenizedRequest, AbortRequest, ControlCall]
 SchedulerInput = Union[TokenizedRequest, AbortRequest, ControlCall]
 
 
 class TokenBatch(msgspec.Struct, tag="tokens"):
-    """What one engine step produced, columnar: one message per step, never per token.
+    """What one engine step produced for one frontend, columnar: one message per step and
+    route, never per token.
 
     ``req_ids[i]`` gained ``new_token_ids[i]``; ``finish_reasons[i]`` is set when that
     request ended in this step ("stop", "length", "abort") and None otherwise.
@@ -244,17 +262,88 @@ class TokenBatch(msgspec.Struct, tag="tokens"):
     queue_times: list[float]  # seconds from arrival to first scheduled
     logprobs: list[list[tuple[int, float, list[int], list[float]]] | None] = []
     # per request, when asked for: per new token (id, logprob, top ids, top logprobs)
+    instance_id: str = ""  # the instance that produced it
 
 
 class RequestRejected(msgspec.Struct, tag="rejected"):
-    """The scheduler refused a request (e.g. longer than the model's context)."""
+    """The scheduler (or the router) refused a request (e.g. longer than the context)."""
 
     req_id: str
     message: str
-    code: str = "bad_request"  # or "overloaded" when the queue is full
+    code: str = "bad_request"  # "overloaded" when the queue is full, "unavailable": no instance
 
 
-FrontendInput = Union[TokenBatch, RequestRejected, ControlReply]
+FrontendInput = Union[TokenBatch, RequestRejected, ControlReply, InstanceLost]
+
+
+# --------------------------------------------------------------------------------------
+# Scheduler -> router: what the global scheduler knows of each instance, pushed
+# --------------------------------------------------------------------------------------
+
+
+class InstanceLoad(msgspec.Struct, tag="load"):
+    """An instance's load, about twice a second (over the bus, never through the store)."""
+
+    instance_id: str
+    incarnation: str  # changes when the instance restarts
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int  # free now (cached blocks included: they can be evicted)
+    num_blocks: int
+    ttft_s: float  # recent mean seconds from arrival to the first token (0: none yet)
+    tpot_s: float  # recent mean seconds per output token after the first
+    finished_req_ids: list[str] = []  # requests that ended since the last report
+
+
+class BlockStored(msgspec.Struct, array_like=True):
+    """A full block entered an instance's prefix cache (after vLLM's KV event)."""
+
+    block_hash: int
+    parent_hash: int  # 0 for the first block of a sequence
+    token_ids: list[int]
+
+
+class KVEventBatch(msgspec.Struct, tag="kv_events"):
+    """Changes to one instance's prefix cache since its last batch, in order."""
+
+    instance_id: str
+    incarnation: str
+    stored: list[BlockStored] = []
+    removed: list[int] = []  # block hashes evicted
+    cleared: bool = False  # the whole cache was reset (before ``stored``)
+
+
+InstanceReport = Union[InstanceLoad, KVEventBatch, ControlReply]
+
+
+# --------------------------------------------------------------------------------------
+# The metadata store: records under the keys of ``xllm.metastore.keys`` (JSON), and the
+# embedded store's socket (control calls ``store.<verb>``)
+# --------------------------------------------------------------------------------------
+
+
+class InstanceRecord(msgspec.Struct):
+    """An instance's registration: how to reach it and what it can hold."""
+
+    instance_id: str
+    incarnation: str  # new on every start: a restarted instance is told apart
+    address: str  # its scheduler's input (where the router sends requests)
+    role: str = "mixed"
+    model: str = ""  # the served model's name
+    num_blocks: int = 0  # KV blocks in its pool
+    block_size: int = 16
+    max_num_seqs: int = 64
+
+
+class RouterRecord(msgspec.Struct):
+    """A router's registration: where instances send it their reports."""
+
+    name: str
+    reports: str  # its InstanceReport socket
+
+
+StoreInput = ControlCall
+StoreOutput = Union[ControlReply, ErrorReply]
 
 
 # --------------------------------------------------------------------------------------
@@ -335,6 +424,7 @@ class ActorFailed(msgspec.Struct, tag="failed"):
 
     name: str
     message: str
+    pid: int = 0  # the failed process (the supervisor ignores one it already replaced)
 
 
 LauncherInput = Union[ActorReady, ActorFailed]
@@ -342,6 +432,9 @@ LauncherInput = Union[ActorReady, ActorFailed]
 ALL_UNIONS = {
     "client": ClientMessage,
     "client_reply": ClientReply,
+    "router": RouterInput,
+    "instance_report": InstanceReport,
+    "store_reply": StoreOutput,
     "scheduler": SchedulerInput,
     "frontend": FrontendInput,
     "worker": WorkerInput,

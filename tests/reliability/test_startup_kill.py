@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests.deploy import wait_gone
-from xllm.launch import RUN_DIR_PREFIX
+from xllm.deploy.launcher import RUN_DIR_PREFIX
 
 
 def _run_dirs(launcher_pid: int) -> list[Path]:
@@ -35,13 +35,13 @@ def test_launcher_killed_during_warm_up_leaves_no_process_and_no_run_dir(make_ti
     # a cold compile cache: the worker spends many seconds compiling decode graphs
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "xllm.launch", "--model", str(make_tiny("tiny-llama")),
+        proc = subprocess.Popen([sys.executable, "-m", "xllm.deploy.launcher", "--model", str(make_tiny("tiny-llama")),
                                  "--address", f"ipc://{tmp_path}/sdk.sock"], stdout=out,
                                 stderr=subprocess.STDOUT, env=env)
     try:
         _wait_for(lambda: "compiling decode graphs" in log.read_text(errors="replace"), "the warm-up")
         actors = [p.pid for p in psutil.Process(proc.pid).children()]
-        assert len(actors) == 3 and _run_dirs(proc.pid)
+        assert len(actors) >= 3 and _run_dirs(proc.pid)  # every actor has started
         proc.kill()
         proc.wait()
         # NOTE: without the fix the worker keeps compiling until its warm-up ends
@@ -56,7 +56,7 @@ def test_launcher_killed_during_warm_up_leaves_no_process_and_no_run_dir(make_ti
 HARNESS = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from xllm.deployment import launch
+    from xllm.deploy.harness import launch
     with launch(sys.argv[1], Path(sys.argv[2]), "--enforce-eager") as dep:
         print(dep.proc.pid, *dep.pids.values(), flush=True)
         time.sleep(600)

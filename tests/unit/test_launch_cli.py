@@ -6,14 +6,15 @@ import re
 
 import pytest
 
-from xllm.launch import build_parser, check_exposure
+from xllm.deploy.launcher import build_parser, check_exposure
 
 
 def test_help_states_each_default_once():
     text = build_parser().format_help()
     options = re.split(r"\n  (?=-)", text)
     for block in options:
-        assert block.count("default") <= 1, block
+        assert block.count("(default:") <= 1, block
+        assert not ("unset:" in block and "(default:" in block), block
     assert "(default: None)" not in text and "(default: False)" not in text
 
 

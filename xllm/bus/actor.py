@@ -28,6 +28,7 @@ import zmq
 import zmq.asyncio
 
 from ..protocol import ActorFailed, ActorReady
+from . import curve
 from .channel import Channel
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,13 @@ log = logging.getLogger(__name__)
 class Actor:
     """Base class of the frontend, scheduler and worker processes."""
 
-    def __init__(self, name: str, launcher_address: str | None, run_dir: str | None = None) -> None:
+    def __init__(self, name: str, launcher_address: str | None, run_dir: str | None = None,
+                 key_dir: str = "") -> None:
         self.name = name
+        self.key_dir = key_dir  # CURVE keys for tcp sockets (xllm.bus.curve); "" = none
+        self._auth = None
+        self._background: list[asyncio.Task] = []
+        self._failure: BaseException | None = None
         self.launcher_address = launcher_address
         self.run_dir = run_dir  # the deployment's private directory (ipc sockets, config)
         self.ctx = zmq.asyncio.Context()
@@ -53,9 +59,29 @@ class Actor:
         """Serve until stopped."""
         raise NotImplementedError
 
+    async def teardown(self) -> None:
+        """After a clean stop, before the sockets close: withdraw registrations and the like."""
+
+    # -- background tasks -------------------------------------------------------------------
+    def background(self, coro) -> asyncio.Task:
+        """Run ``coro`` beside ``run()``; its failure fails the actor; cancelled at the end."""
+        task = asyncio.ensure_future(coro)
+        self._background.append(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None and self._stopping is not None:
+            self._failure = task.exception()
+            self._stopping.set()
+
     # -- helpers ------------------------------------------------------------------------
     def channel(self, kind: int, address: str, *, bind: bool, union: Any = None) -> Channel:
-        ch = Channel(self.ctx, kind, address, bind=bind, union=union)
+        """A socket of this actor; a tcp one is CURVE-protected when the deployment has a key."""
+        opts = curve.options(address, self.key_dir, server=bind)
+        if opts and bind and self._auth is None:
+            self._auth = curve.start_authenticator(self.ctx, self.key_dir)
+        ch = Channel(self.ctx, kind, address, bind=bind, union=union, options=opts)
         self.channels.append(ch)
         return ch
 
@@ -109,17 +135,28 @@ class Actor:
             else:
                 run.cancel()
                 await asyncio.gather(run, return_exceptions=True)
+            if self._failure is not None:
+                raise self._failure
+            try:
+                await asyncio.wait_for(self.teardown(), 3)
+            except Exception as exc:  # noqa: BLE001 - a clean stop goes on regardless
+                log.warning("%s: teardown did not finish: %r", self.name, exc)
             return 0
         except Exception as exc:  # noqa: BLE001 - reported by name, then the process ends
             log.error("%s failed:\n%s", self.name, traceback.format_exc())
             try:
-                await self._notify(ActorFailed(name=self.name, message=f"{type(exc).__name__}: {exc}"))
+                await self._notify(ActorFailed(name=self.name, message=f"{type(exc).__name__}: {exc}", pid=os.getpid()))
             except Exception:  # noqa: BLE001
                 pass
             return 1
         finally:
+            for task in self._background:
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
             for ch in self.channels:
                 ch.close()
+            if self._auth is not None:
+                self._auth.stop()
             self.ctx.term()
 
     def serve(self) -> int:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .actors import die_with_parent
+from .entry import die_with_parent
 
 
 class Deployment:
@@ -44,8 +44,11 @@ class Deployment:
 
 @contextmanager
 def launch(model: str | Path, run_dir: Path, *args: str, timeout: float = 600.0,
-           echo: bool = False) -> Iterator[Deployment]:
+           echo: bool = False, wrapper: tuple[str, ...] = ()) -> Iterator[Deployment]:
     """Run ``xllm-launch --model MODEL ARGS`` until ready; stop it (SIGINT) on exit.
+
+    ``wrapper`` runs the launcher through a command that execs it (for example
+    ``("ip", "netns", "exec", "A")`` to put it in a network namespace).
 
     The deployment listens on ``ipc://RUN_DIR/frontend.sock``; its output goes to
     ``RUN_DIR/launch.log`` (and to this process's stderr too with ``echo``).
@@ -55,7 +58,7 @@ def launch(model: str | Path, run_dir: Path, *args: str, timeout: float = 600.0,
     ready = run_dir / "ready.json"
     ready.unlink(missing_ok=True)
     log = run_dir / "launch.log"
-    cmd = [sys.executable, "-m", "xllm.launch", "--model", str(model), "--address", address,
+    cmd = [*wrapper, sys.executable, "-m", "xllm.deploy.launcher", "--model", str(model), "--address", address,
            "--ready-file", str(ready), *args]
     out = open(log, "wb")
     # NOTE: the launcher follows this process if it dies (a test runner killed outright)

@@ -19,11 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import (POLICIES, Addresses, CacheConfig, EngineConfig, HttpConfig, ModelConfig,
-                     ParallelConfig, SchedulerConfig, read_hf_config)
-from .models.spec import DecoderSpec
+from ..config import (POLICIES, ROUTER_POLICIES, CacheConfig, EngineConfig, HttpConfig, ModelConfig,
+                      ParallelConfig, RouterConfig, SchedulerConfig, read_hf_config)
+from ..models.spec import DecoderSpec
+from .plan import HOST_ROLES, DeploymentPlan, host_plan
 
-log = logging.getLogger("xllm.launch")
+log = logging.getLogger("xllm.deploy")
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 DEFAULT_ADDRESS = "tcp://127.0.0.1:7100"
@@ -45,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "serve it until SIGINT/SIGTERM or until an actor dies.",
         formatter_class=_Help)
     m = p.add_argument_group("model")
-    m.add_argument("--model", required=True,
-                   help="Hugging Face model directory, or preset:NAME for a model made by the "
+    m.add_argument("--model", default=None,
+                   help="(required) Hugging Face model directory, or preset:NAME for a model made by the "
                         "model maker on first use (e.g. preset:tiny-llama, preset:llama-110m)")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight and activation dtype; auto takes the checkpoint's (float16 runs as bfloat16)")
@@ -88,7 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("deployment")
     d.add_argument("--address", default=DEFAULT_ADDRESS,
                    help="where SDK clients connect (tcp://HOST:PORT or ipc://PATH)")
-    d.add_argument("--tp", type=int, default=1, help="tensor-parallel worker processes")
+    d.add_argument("--tp", type=int, default=1, help="tensor-parallel worker processes per instance")
+    d.add_argument("--instances", type=int, default=1,
+                   help="model instances on this machine (with --role all or instance)")
+    d.add_argument("--frontends", type=int, default=1,
+                   help="frontend processes; frontend k listens on --address's port + k")
+    d.add_argument("--routers", type=int, default=1, help="router processes (frontend k uses router k mod N)")
+    g = p.add_argument_group("cluster (several hosts)")
+    g.add_argument("--role", default="all", choices=HOST_ROLES,
+                   help="what this host runs: all of it; the service side (routers, frontends, HTTP); "
+                        "or instances only")
+    g.add_argument("--metastore", default="embedded",
+                   help="embedded (this host's own store) or etcd://HOST:PORT (needed with --role "
+                        "router/instance)")
+    g.add_argument("--deployment", default="default", help="the deployment's name in the store")
+    g.add_argument("--advertise-host", default="",
+                   help="this host's address for the others (sockets they reach are tcp on it)")
+    g.add_argument("--base-port", type=int, default=7200,
+                   help="first tcp port of the sockets other hosts reach")
+    g.add_argument("--instance-prefix", default=None,
+                   help="instance ids are this plus a number (default: i, or HOST-i with --role instance)")
+    g.add_argument("--cluster-key-dir", default="",
+                   help="CURVE keys of the cluster: every tcp socket then admits only their holders")
+    g.add_argument("--make-cluster-key", metavar="DIR", default=None,
+                   help="write a new cluster key pair into DIR and exit")
+    d.add_argument("--router-policy", default="prefix_cache_aware", choices=ROUTER_POLICIES,
+                   help="how the router places requests on instances (see the README for the formulas)")
     d.add_argument("--micro-batch-overlap", action="store_true",
                    help="split each step in two micro-batches so one's all-reduce overlaps the "
                         "other's compute (with --tp > 1)")
@@ -113,7 +139,7 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
-def resolve_config(args: argparse.Namespace, run_dir: str) -> EngineConfig:
+def resolve_config(args: argparse.Namespace) -> EngineConfig:
     """Turn the command line and the checkpoint into one validated ``EngineConfig``."""
     path = resolve_model_path(args.model)
     hf = read_hf_config(path)
@@ -122,7 +148,6 @@ def resolve_config(args: argparse.Namespace, run_dir: str) -> EngineConfig:
     if dtype == "auto":
         saved = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
         dtype = "float32" if saved == "float32" else "bfloat16"
-    check_exposure(args.address, args.allow_remote_clients)
     if args.http_port and not _is_loopback(args.http_host):
         log.warning("the HTTP API listens on %s, beyond this machine, without authentication",
                     args.http_host)
@@ -143,15 +168,37 @@ def resolve_config(args: argparse.Namespace, run_dir: str) -> EngineConfig:
                                   policy=args.policy, async_scheduling=not args.no_async_scheduling,
                                   max_queued_requests=args.max_queued_requests,
                                   worker_stall_timeout_s=args.worker_stall_timeout),
-        parallel=ParallelConfig(tp_size=args.tp,
-                                threads_per_worker=args.threads_per_worker or max(1, (os.cpu_count() or 1) // args.tp),
-                                micro_batch_overlap=args.micro_batch_overlap,
+        parallel=ParallelConfig(micro_batch_overlap=args.micro_batch_overlap,
                                 shm_collectives=not args.no_shm_collectives),
-        addresses=Addresses(frontend=args.address, run_dir=run_dir),
         http=HttpConfig(host=args.http_host, port=args.http_port, max_body_bytes=args.max_body_bytes,
                         request_timeout_s=args.request_timeout,
                         max_concurrent_requests=args.http_max_concurrent),
+        router=RouterConfig(policy=args.router_policy),
     )
+
+
+def build_plan(args: argparse.Namespace, engine: EngineConfig, run_dir: str) -> DeploymentPlan:
+    """The deployment the command line asks for, on this machine."""
+    if min(args.tp, args.instances, args.frontends, args.routers) < 1:
+        raise ValueError("--tp, --instances, --frontends and --routers must be at least 1")
+    if args.role != "all" and args.metastore == "embedded":
+        raise ValueError(f"--role {args.role} shares the deployment with other hosts: give --metastore etcd://...")
+    if args.role != "all" and not args.advertise_host:
+        raise ValueError(f"--role {args.role} needs --advertise-host (this host's address for the others)")
+    key_dir = str(Path(args.cluster_key_dir).resolve()) if args.cluster_key_dir else ""
+    if args.advertise_host and not key_dir:
+        log.warning("sockets on %s accept any peer: give --cluster-key-dir to admit only the cluster",
+                    args.advertise_host)
+    if args.role != "instance":
+        check_exposure(args.address, args.allow_remote_clients or bool(key_dir))
+    local_instances = args.instances if args.role != "router" else 0
+    threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // (args.tp * max(local_instances, 1)))
+    prefix = args.instance_prefix or (f"{args.advertise_host}-i" if args.role == "instance" else "i")
+    return host_plan(engine, run_dir, args.address, role=args.role, num_instances=args.instances,
+                     instance_prefix=prefix, tp_size=args.tp, threads_per_worker=threads,
+                     num_frontends=args.frontends, num_routers=args.routers, http=bool(args.http_port),
+                     deployment=args.deployment, metastore=args.metastore,
+                     advertise_host=args.advertise_host, base_port=args.base_port, key_dir=key_dir)
 
 
 def _is_loopback(host: str) -> bool:
@@ -180,10 +227,11 @@ def check_exposure(address: str, allowed: bool) -> None:
     log.warning("the SDK socket %s accepts clients from other machines without authentication", address)
 
 
-async def serve(cfg: EngineConfig, config_file: Path, args: argparse.Namespace) -> int:
+async def serve(plan: DeploymentPlan, plan_file: Path, args: argparse.Namespace) -> int:
     from .supervisor import DeploymentFailed, Supervisor
 
-    sup = Supervisor(cfg, config_file)
+    cfg = plan.engine
+    sup = Supervisor(plan, plan_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -199,10 +247,12 @@ async def serve(cfg: EngineConfig, config_file: Path, args: argparse.Namespace) 
         starting.result()
         http = f"http://{cfg.http.host}:{cfg.http.port}" if cfg.http.port else None
         if args.ready_file:
-            Path(args.ready_file).write_text(json.dumps({"address": cfg.addresses.frontend, "http": http,
+            sdk = plan.sdk_address if plan.of_kind("frontend") else None
+            Path(args.ready_file).write_text(json.dumps({"address": sdk, "http": http,
                                                          "pids": sup.pids()}))
         print(f"xllm: ready; model {cfg.model.served_name} ({cfg.model.dtype}), "
-              f"{cfg.cache.num_blocks} KV blocks; SDK address {cfg.addresses.frontend}"
+              f"{cfg.cache.num_blocks} KV blocks; {len(plan.instances)} instances here; "
+              f"SDK address {plan.sdk_address if plan.of_kind('frontend') else 'none (instance host)'}"
               + (f"; HTTP {http}" if http else ""), flush=True)
         await sup.watch(stop)
         log.info("shutting down")
@@ -236,7 +286,15 @@ def sweep_stale_run_dirs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.make_cluster_key:
+        from ..bus.curve import make_keys
+
+        print(f"wrote the cluster key pair: {make_keys(args.make_cluster_key)} (public) and its secret")
+        return 0
+    if args.model is None:
+        parser.error("--model is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [launcher] %(message)s")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_on_signal)
@@ -245,15 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-")
     try:
         try:
-            cfg = resolve_config(args, run_dir)
+            plan = build_plan(args, resolve_config(args), run_dir)
         except (FileNotFoundError, ValueError, NotImplementedError, KeyError) as exc:
             print(f"xllm-launch: {exc}", file=sys.stderr)
             return 2
-        config_file = Path(run_dir) / "config.json"
-        config_file.write_text(cfg.to_json())
+        plan_file = Path(run_dir) / "plan.json"
+        plan_file.write_text(plan.to_json())
         import uvloop
 
-        return uvloop.run(serve(cfg, config_file, args))
+        return uvloop.run(serve(plan, plan_file, args))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -1,4 +1,4 @@
-"""Starts a deployment's actor processes, waits until they are ready, and stops them.
+"""Starts the actor processes of a deployment plan, waits until they are ready, and stops them.
 
 NOTE (invariant): no orphan processes, no hang. Every actor is started with a
 parent-death signal, so it ends even if the launcher is killed outright; when any
@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +23,11 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from .bus.channel import Channel
-from .config import EngineConfig
-from .protocol import ActorFailed, ActorReady, LauncherInput
+from ..bus.channel import Channel
+from ..protocol import ActorFailed, ActorReady, LauncherInput
+from .plan import ActorSpec, DeploymentPlan
 
-log = logging.getLogger("xllm.launch")
+log = logging.getLogger("xllm.deploy")
 
 
 class DeploymentFailed(RuntimeError):
@@ -35,48 +36,64 @@ class DeploymentFailed(RuntimeError):
 
 @dataclass
 class ActorProcess:
-    name: str
+    spec: ActorSpec
     argv: list[str]
     env: dict[str, str]
     proc: subprocess.Popen | None = None
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+
+    def death(self) -> str | None:
+        """How it ended ("died with signal SIGKILL"), or None while it runs."""
+        code = self.proc.poll() if self.proc else None
+        if code is None:
+            return None
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        return f"actor {self.name} (pid {self.proc.pid}) died with {how}"
+
+
+MAX_RESTARTS = 5  # of one instance within RESTART_WINDOW_S; past that the deployment stops
+RESTART_WINDOW_S = 600.0
+
 
 class Supervisor:
-    """Owns the actor processes of one deployment."""
+    """Owns the actor processes of one deployment plan (one per ``ActorSpec``)."""
 
-    def __init__(self, cfg: EngineConfig, config_file: Path) -> None:
-        self.cfg = cfg
-        self.actors = self._plan(cfg, config_file)
+    def __init__(self, plan: DeploymentPlan, plan_file: Path) -> None:
+        self.plan = plan
+        self.actors = [self._process(spec, plan_file) for spec in plan.actors]
         self.ready: dict[str, ActorReady] = {}
+        # NOTE: with several instances here, one that fails is restarted while the others
+        # serve; otherwise any dead actor stops the deployment (a host's supervisor, such as
+        # systemd, restarts the whole launcher)
+        self.restarts_instances = len(plan.instances) > 1
+        self.restarts: dict[str, deque[float]] = {}
 
-    def _plan(self, cfg: EngineConfig, config_file: Path) -> list[ActorProcess]:
-        base = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-                "XLLM_LAUNCHER_PID": str(os.getpid())}
+    @staticmethod
+    def _process(spec: ActorSpec, plan_file: Path) -> ActorProcess:
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+               "XLLM_LAUNCHER_PID": str(os.getpid()), "OMP_NUM_THREADS": str(spec.threads)}
         # compiled decode graphs survive restarts in inductor's on-disk cache
-        base.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "xllm" / "inductor"))
-        py = [sys.executable, "-m", "xllm.actors"]
-        tp = cfg.parallel.tp_size
-        threads = cfg.parallel.threads_per_worker  # resolved by the launcher
-        actors = [ActorProcess(f"worker-{r}", py + ["worker", str(config_file), str(r)],
-                               {**base, "OMP_NUM_THREADS": str(threads)}) for r in range(tp)]
-        light = {**base, "OMP_NUM_THREADS": "1"}
-        actors.append(ActorProcess("scheduler", py + ["scheduler", str(config_file)], light))
-        actors.append(ActorProcess("frontend", py + ["frontend", str(config_file)], light))
-        if cfg.http.port:
-            actors.append(ActorProcess("http", py + ["http", str(config_file)], light))
-        return actors
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "xllm" / "inductor"))
+        argv = [sys.executable, "-m", "xllm.deploy.entry", str(plan_file), spec.name]
+        return ActorProcess(spec, argv, env)
 
     # -- start ------------------------------------------------------------------------------
     async def start(self, timeout: float) -> None:
         """Start every actor and wait for all to be ready; raises ``DeploymentFailed``."""
         ctx = zmq.asyncio.Context()
-        inbox = Channel(ctx, zmq.PULL, self.cfg.addresses.launcher, bind=True, union=LauncherInput)
+        inbox = Channel(ctx, zmq.PULL, self.plan.launcher, bind=True, union=LauncherInput)
         self._ctx, self._inbox = ctx, inbox
         for a in self.actors:
-            a.proc = subprocess.Popen(a.argv, env=a.env, start_new_session=True)
+            a.start()
         deadline = time.monotonic() + timeout
         while len(self.ready) < len(self.actors):
-            self._check_alive()
+            await self._check_alive()
             if time.monotonic() > deadline:
                 missing = [a.name for a in self.actors if a.name not in self.ready]
                 raise DeploymentFailed(f"actors not ready after {timeout:.0f} s: {', '.join(missing)}")
@@ -94,25 +111,52 @@ class Supervisor:
                 # NOTE: a dead actor makes its peers fail too (a broken collective, a step
                 # error); name the dead one, the root cause, when there is one.
                 await asyncio.sleep(0.5)
-                self._check_alive(also=f"; then actor {msg.name} failed: {msg.message}")
-                raise DeploymentFailed(f"actor {msg.name} failed: {msg.message}")
+                failed = next((a for a in self.actors if a.name == msg.name), None)
+                if failed is None or (msg.pid and failed.proc and msg.pid != failed.proc.pid):
+                    return  # from a process already replaced
+                await self._handle_failure(failed, f"actor {msg.name} failed: {msg.message}")
 
-    def _check_alive(self, also: str = "") -> None:
-        for a in self.actors:
-            code = a.proc.poll() if a.proc else None
-            if code is not None and code < 0:  # killed by a signal: the root cause first
-                raise DeploymentFailed(
-                    f"actor {a.name} (pid {a.proc.pid}) died with signal {signal.Signals(-code).name}{also}")
-        for a in self.actors:
-            code = a.proc.poll() if a.proc else None
-            if code is not None:
-                raise DeploymentFailed(f"actor {a.name} (pid {a.proc.pid}) died with exit code {code}{also}")
+    def _dead(self) -> tuple[ActorProcess, str] | None:
+        """The dead actor to blame first (one killed by a signal before one that exited)."""
+        dead = [(a, a.death()) for a in self.actors if a.death() is not None]
+        dead.sort(key=lambda d: "signal" not in d[1])
+        return dead[0] if dead else None
+
+    async def _check_alive(self) -> None:
+        dead = self._dead()
+        if dead is not None:
+            await self._handle_failure(*dead)
+
+    async def _handle_failure(self, actor: ActorProcess, what: str) -> None:
+        """Restart the instance ``actor`` belongs to, or stop everything (``DeploymentFailed``)."""
+        root = self._dead()
+        if root is not None and root[0] is not actor:
+            what = f"{root[1]}; then {what}"
+            actor = root[0]
+        inst = actor.spec.instance
+        if not (self.restarts_instances and inst):
+            raise DeploymentFailed(what)
+        times = self.restarts.setdefault(inst, deque())
+        now = time.monotonic()
+        while times and now - times[0] > RESTART_WINDOW_S:
+            times.popleft()
+        if len(times) >= MAX_RESTARTS:
+            raise DeploymentFailed(f"instance {inst} failed {MAX_RESTARTS + 1} times in "
+                                   f"{RESTART_WINDOW_S:.0f} s; last: {what}")
+        times.append(now)
+        log.warning("instance %s lost: %s; restarting it", inst, what)
+        mine = [a for a in self.actors if a.spec.instance == inst]
+        await asyncio.get_running_loop().run_in_executor(None, _stop_all, [a.proc for a in mine], 5.0)
+        Path(self.plan.dist_init(inst).removeprefix("file://")).unlink(missing_ok=True)
+        for a in mine:
+            self.ready.pop(a.name, None)
+            a.start()
 
     # -- serve ------------------------------------------------------------------------------
     async def watch(self, stop: asyncio.Event) -> None:
         """Return when ``stop`` is set; raise ``DeploymentFailed`` when an actor dies."""
         while not stop.is_set():
-            self._check_alive()
+            await self._check_alive()
             try:
                 await self._read_inbox(0.1)
             except msgspec.DecodeError:
@@ -121,23 +165,27 @@ class Supervisor:
     # -- stop -------------------------------------------------------------------------------
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every live actor, SIGKILL what is left after ``grace`` seconds."""
-        live = [a.proc for a in self.actors if a.proc and a.proc.poll() is None]
-        for p in live:
-            _signal(p, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for p in live:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("pid %d did not stop in %.0f s; killing it", p.pid, grace)
-                _signal(p, signal.SIGKILL)
-                p.wait()
+        _stop_all([a.proc for a in self.actors], grace)
         if hasattr(self, "_inbox"):
             self._inbox.close()
             self._ctx.term()
 
     def pids(self) -> dict[str, int]:
         return {a.name: a.proc.pid for a in self.actors if a.proc}
+
+
+def _stop_all(procs: list[subprocess.Popen | None], grace: float) -> None:
+    live = [p for p in procs if p is not None and p.poll() is None]
+    for p in live:
+        _signal(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in live:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop in %.0f s; killing it", p.pid, grace)
+            _signal(p, signal.SIGKILL)
+            p.wait()
 
 
 def _signal(p: subprocess.Popen, sig: int) -> None:

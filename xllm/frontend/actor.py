@@ -1,9 +1,11 @@
 """The frontend actor: clients' door to the engine.
 
 It accepts SDK connections (ROUTER), validates and tokenizes requests (chat templates
-included), hands them to the scheduler, and turns each ``TokenBatch`` (one per engine
-step) into one ``RequestOutputs`` per client with the new text of each request. Stop
-strings end a request here: the frontend aborts it in the scheduler.
+included) and hashes their prompt blocks, hands them to the router, and turns each
+``TokenBatch`` (one per engine step, straight from the scheduler that ran it) into one
+``RequestOutputs`` per client with the new text of each request. Stop strings end a
+request here: the frontend aborts it. Request ids are unique in the deployment (the
+frontend's own id and a counter), and each request names this frontend as its route.
 
 NOTE (invariant): nothing a client sends can stop this actor or stall the others'
 streams. Every client message is handled under a guard that answers an error; inputs
@@ -17,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,10 +27,12 @@ import zmq
 import zmq.asyncio
 
 from ..bus.actor import Actor
+from ..block_hash import block_hashes
 from ..bus.codec import DecodeError
-from ..config import EngineConfig
+from ..deploy.plan import ActorSpec, DeploymentPlan
 from ..protocol import (
     AbortRequest, ClientMessage, ControlCall, ControlReply, ErrorReply, FrontendInput, GenerateRequest,
+    InstanceLost,
     RequestDelta, RequestOutputs, RequestRejected, TokenBatch, TokenizedRequest,
     TokenLogprob,
 )
@@ -37,8 +42,9 @@ from .tokenizer import ModelTokenizer
 
 log = logging.getLogger(__name__)
 
-FORWARDED_CALLS = ("stats", "health", "reset_prefix_cache", "check_integrity", "kv_events")
+FORWARDED_CALLS = ("stats", "health", "reset_prefix_cache", "check_integrity")  # answered by the router
 INLINE_CHARS = 8192  # inputs up to this size are tokenized on the loop; larger ones on a thread
+MAX_RESENDS = 2  # a request whose instances keep dying is ended with an error
 
 
 @dataclass
@@ -56,7 +62,9 @@ class Stream:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # kept when not streaming
     queue_time: float = 0.0
-    submitted: bool = False  # the scheduler has it (else it is still being tokenized)
+    submitted: bool = False  # the router has it (else it is still being tokenized)
+    request: TokenizedRequest | None = None  # kept until its first output: it may be re-sent
+    resent: int = 0  # times it was re-sent because its instance was lost
     aborted: bool = False  # the client aborted it before it reached the scheduler
     stopped: bool = False  # a stop string matched; the scheduler's abort is on its way
 
@@ -64,37 +72,44 @@ class Stream:
 class FrontendActor(Actor):
     """Tokenizer, detokenizer and per-client streams of one deployment."""
 
-    def __init__(self, cfg: EngineConfig) -> None:
-        super().__init__("frontend", cfg.addresses.launcher, cfg.addresses.run_dir)
-        self.cfg = cfg
+    def __init__(self, plan: DeploymentPlan, spec: ActorSpec) -> None:
+        super().__init__(spec.name, plan.launcher, plan.run_dir, plan.key_dir)
+        self.plan = plan
+        self.spec = spec
+        self.cfg = plan.engine
         self.streams: dict[str, Stream] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}
         self._ids = itertools.count()
+        self.id = f"{spec.name}.{uuid.uuid4().hex[:6]}"  # prefixes its request ids
         self._calls = itertools.count(1)
         self.pending_calls: dict[int, tuple[bytes, int]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     async def setup(self) -> dict:
-        a = self.cfg.addresses
+        plan = self.plan
         self.tok = ModelTokenizer.load(self.cfg.model.path)
         self.check = RequestChecker(self.tok, self.cfg.model.max_model_len, _vocab_size(self.cfg.model.path))
-        self.clients = self.channel(zmq.ROUTER, a.frontend, bind=True, union=ClientMessage)
-        self.to_scheduler = self.channel(zmq.PUSH, a.scheduler_in, bind=False)
-        self.from_scheduler = self.channel(zmq.PULL, a.frontend_in, bind=True, union=FrontendInput)
-        return {"address": a.frontend}
+        self.route = plan.frontend_in(self.spec.name)
+        self.clients = self.channel(zmq.ROUTER, self.spec.address, bind=True, union=ClientMessage)
+        self.to_router = self.channel(zmq.DEALER, plan.router_in(self.spec.router), bind=False,
+                                      union=FrontendInput)
+        self.from_scheduler = self.channel(zmq.PULL, self.route, bind=True, union=FrontendInput)
+        return {"address": self.spec.address}
 
     async def run(self) -> None:
         poller = zmq.asyncio.Poller()
         poller.register(self.clients.sock, zmq.POLLIN)
         poller.register(self.from_scheduler.sock, zmq.POLLIN)
+        poller.register(self.to_router.sock, zmq.POLLIN)
         try:
             while True:
-                while self.from_scheduler.poll_now():
-                    try:
-                        await self._on_engine(await self.from_scheduler.recv())
-                    except DecodeError as exc:
-                        log.error("rejected a malformed message from the scheduler: %s", exc)
+                for ch in (self.from_scheduler, self.to_router):
+                    while ch.poll_now():
+                        try:
+                            await self._on_engine(await ch.recv())
+                        except DecodeError as exc:
+                            log.error("rejected a malformed message from the engine: %s", exc)
                 while self.clients.poll_now():
                     client, msg = await self.clients.recv_from()
                     await self._guarded(client, msg, self._on_client(client, msg))
@@ -156,7 +171,7 @@ class FrontendActor(Actor):
     async def _abort(self, rid: str) -> None:
         stream = self.streams[rid]
         if stream.submitted:
-            await self.to_scheduler.send(AbortRequest(rid))
+            await self.to_router.send(AbortRequest(rid))
         else:
             stream.aborted = True  # it is being tokenized: _submit drops it
 
@@ -164,16 +179,16 @@ class FrontendActor(Actor):
         if (client, req.req_id) in self.by_client:
             raise ValueError(f"request id {req.req_id!r} is already in flight")
         self.check.before_tokenizing(req)
-        rid = f"{next(self._ids)}"
+        rid = f"{self.id}-{next(self._ids)}"
         stream = Stream(client, req.req_id, req.stream)
         self.streams[rid] = stream
         self.by_client[(client, req.req_id)] = rid
         try:
             if self.check.input_chars(req) <= INLINE_CHARS:
-                ids = self.check.prompt_ids(req)
+                ids, hashes = self._tokens(req)
             else:
                 loop = asyncio.get_running_loop()
-                ids = await loop.run_in_executor(self._pool, self.check.prompt_ids, req)
+                ids, hashes = await loop.run_in_executor(self._pool, self._tokens, req)
             resolved = self.check.sampling(req, ids)
         except BaseException:
             self._close(rid)
@@ -186,9 +201,15 @@ class FrontendActor(Actor):
         stream.detok = Detokenizer(self.tok.backend, sp.stop, sp.include_stop_str_in_output)
         stream.num_prompt_tokens = len(ids)
         eos = [] if sp.ignore_eos else self.tok.eos_token_ids
-        await self.to_scheduler.send(TokenizedRequest(rid, ids, resolved, eos, time.time(),
-                                                      req.priority, req.offline))
+        stream.request = TokenizedRequest(rid, ids, resolved, eos, time.time(), req.priority, req.offline,
+                                          self.route, hashes, self.cfg.cache.block_size)
+        await self.to_router.send(stream.request)
         stream.submitted = True
+
+    def _tokens(self, req: GenerateRequest) -> tuple[list[int], list[int]]:
+        """The prompt's token ids and the hashes of its full blocks (for every prefix cache)."""
+        ids = self.check.prompt_ids(req)
+        return ids, block_hashes(ids, self.cfg.cache.block_size)
 
     async def _control(self, client: bytes, call: ControlCall) -> None:
         if call.method == "model_info":
@@ -201,7 +222,7 @@ class FrontendActor(Actor):
             own = next(self._calls)
             self.pending_calls[own] = (client, call.call_id)
             # NOTE: none of these take arguments: a client's args are not passed inside
-            await self.to_scheduler.send(ControlCall(own, call.method))
+            await self.to_router.send(ControlCall(own, call.method))
         else:
             await self._reply(client, ControlReply(call.call_id, False,
                                                    error=f"unknown method {call.method!r}"))
@@ -228,6 +249,26 @@ class FrontendActor(Actor):
                 if client is not None:
                     msg.call_id = call_id
                     await self._reply(client, msg)
+            case InstanceLost():
+                for rid in msg.req_ids:
+                    await self._on_lost(rid, msg.instance_id)
+
+    async def _on_lost(self, rid: str, instance_id: str) -> None:
+        """A request's instance is gone: re-send it if nothing of it was streamed yet,
+        else end it with an error (the client has text no other instance can continue)."""
+        stream = self.streams.get(rid)
+        if stream is None or stream.stopped:
+            return
+        if stream.num_output_tokens == 0 and stream.request is not None and stream.resent < MAX_RESENDS:
+            stream.resent += 1
+            log.info("request %s re-sent: its instance %s was lost", rid, instance_id)
+            await self.to_router.send(stream.request)
+            return
+        delta = self._delta(stream, stream.detok.flush(), [], "error", None)
+        delta.error = (f"the instance serving this request ({instance_id}) was lost after "
+                       f"{stream.num_output_tokens} output tokens")
+        self._close(rid)
+        await self._reply(stream.client, RequestOutputs([delta]))
 
     async def _on_tokens(self, batch: TokenBatch) -> None:
         per_client: dict[bytes, list[RequestDelta]] = {}
@@ -246,10 +287,12 @@ class FrontendActor(Actor):
             if hit_stop:
                 stream.stopped = True
                 reason = "stop"
-                await self.to_scheduler.send(AbortRequest(rid))
+                await self.to_router.send(AbortRequest(rid))
             elif reason is not None:
                 text += stream.detok.flush()
             stream.num_output_tokens += len(tokens)
+            if tokens:
+                stream.request = None  # streamed: no longer re-sendable
             stream.num_cached_tokens = cached
             stream.queue_time = queue_time
             delta = self._delta(stream, text, tokens, reason, self._logprobs(lps))

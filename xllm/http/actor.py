@@ -18,7 +18,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..bus.actor import Actor
-from ..config import EngineConfig
+from ..deploy.plan import ActorSpec, DeploymentPlan
 from ..sdk import AsyncClient
 from ..sdk.errors import EngineUnavailableError
 from .errors import ApiError
@@ -54,13 +54,15 @@ class _Server(uvicorn.Server):
 class HttpActor(Actor):
     """Serves ``/v1/completions``, ``/v1/chat/completions`` and friends over HTTP."""
 
-    def __init__(self, cfg: EngineConfig) -> None:
-        super().__init__("http", cfg.addresses.launcher, cfg.addresses.run_dir)
-        self.cfg = cfg
+    def __init__(self, plan: DeploymentPlan, spec: ActorSpec) -> None:
+        super().__init__(spec.name, plan.launcher, plan.run_dir, plan.key_dir)
+        self.plan = plan
+        self.spec = spec
+        self.cfg = plan.engine
 
     async def setup(self) -> dict:
         http = self.cfg.http
-        self.client = AsyncClient(self.cfg.addresses.frontend)
+        self.client = AsyncClient(self.spec.address, self.plan.key_dir)
         info = await self._model_info()
         self.sock = socket.socket(socket.AF_INET6 if ":" in http.host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -81,7 +83,7 @@ class HttpActor(Actor):
             try:
                 return await self.client.call("model_info", timeout=2.0)
             except EngineUnavailableError:
-                log.info("waiting for the frontend at %s", self.cfg.addresses.frontend)
+                log.info("waiting for the frontend at %s", self.client.address)
 
     async def run(self) -> None:
         serving = asyncio.ensure_future(self.server.serve(sockets=[self.sock]))

@@ -79,7 +79,7 @@ def from_sdk(exc: XllmError) -> ApiError:
         return ApiError(400, exc.message.removeprefix("bad_request: "), "bad_request", param)
     if exc.code == "not_found":
         return ApiError(404, exc.message, "not_found")
-    if exc.code in ("timeout", "disconnected"):
+    if exc.code in ("timeout", "disconnected", "unavailable"):
         return ApiError(503, exc.message, "engine_unavailable")
     return ApiError(500, exc.message, exc.code)
 

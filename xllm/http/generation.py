@@ -90,6 +90,8 @@ class Generation:
                 raise ClientGone()
             if isinstance(item, ApiError):
                 raise item
+            if item.finish_reason == "error":  # its instance was lost mid-way
+                raise ApiError(503, item.error or "the request failed", "instance_lost")
             if item.finish_reason is not None:
                 self._open -= 1
             yield index, item

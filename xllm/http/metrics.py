@@ -59,6 +59,10 @@ class Metrics:
                              labels, registry=r)
         self.kv_usage = Gauge("xllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0..1)",
                               labels, registry=r)
+        self.instances = Gauge("xllm:num_instances", "Instances the router places requests on",
+                               labels, registry=r)
+        self.instances_lost = Gauge("xllm:instances_lost", "Instances the router lost since it "
+                                    "started", labels, registry=r)
 
     def start(self) -> RequestClock:
         """A clock for one SDK request submitted now."""
@@ -91,6 +95,9 @@ class Metrics:
         self.running.labels(m).set(stats.get("num_running", 0))
         self.waiting.labels(m).set(stats.get("num_waiting", 0))
         self.kv_usage.labels(m).set(stats.get("kv_usage", 0.0))
+        router = stats.get("router", {})
+        self.instances.labels(m).set(router.get("num_instances", 0))
+        self.instances_lost.labels(m).set(router.get("instances_lost", 0))
 
     def count_http(self, path: str, status: int) -> None:
         """One HTTP response sent."""

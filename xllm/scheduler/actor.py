@@ -3,49 +3,95 @@
 With async scheduling it keeps two steps in flight: while the workers run step N it
 has already sent step N+1 (with placeholders for the tokens step N samples), so the
 CPU work of planning hides behind the model's compute. Without it, one step at a time.
+
+Requests come from the router; each step's outputs go straight to the frontend each
+request names (``TokenizedRequest.reply_to``), one ``TokenBatch`` per frontend. The
+router hears the instance's load about twice a second and its prefix-cache changes
+as they happen (``InstanceLoad``, ``KVEventBatch``), and asks it control calls.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 
+import msgspec
 import zmq
 import zmq.asyncio
 
 from ..bus.actor import Actor
+from ..bus.channel import Channel
 from ..bus.codec import DecodeError
-from ..config import EngineConfig
+from ..deploy.plan import ActorSpec, DeploymentPlan
+from ..metastore import keys, open_store
+from ..metastore.registration import PrefixFollower, Registration
 from ..protocol import (
-    AbortRequest, ControlCall, ControlReply, RequestRejected, SchedulerInput, StepResult,
-    TokenizedRequest, WorkerError, WorkerOutput,
+    AbortRequest, BlockStored, ControlCall, ControlReply, InstanceLoad, InstanceRecord, KVEventBatch,
+    RequestRejected, RouterRecord, SchedulerInput, StepResult, TokenizedRequest, WorkerError, WorkerOutput,
 )
 from .health import PING_INTERVAL_S, WorkerWatch
 from .scheduler import Scheduler, StepOutputs
 
 log = logging.getLogger(__name__)
 
+LOAD_REPORT_S = 0.5  # load reports to the router
+KV_EVENTS_S = 0.01  # prefix-cache changes are batched over at most this long
+
 
 class SchedulerActor(Actor):
     """Owns the request queues and the KV block bookkeeping of one instance."""
 
-    def __init__(self, cfg: EngineConfig) -> None:
-        super().__init__("scheduler", cfg.addresses.launcher, cfg.addresses.run_dir)
-        self.cfg = cfg
+    def __init__(self, plan: DeploymentPlan, spec: ActorSpec) -> None:
+        super().__init__(spec.name, plan.launcher, plan.run_dir, plan.key_dir)
+        self.plan = plan
+        self.instance = plan.instance(spec.instance)
+        self.cfg = cfg = plan.engine
         self.core = Scheduler(cfg.scheduler, cfg.cache, cfg.model.max_model_len)
         self.depth = 2 if cfg.scheduler.async_scheduling else 1
         self.in_flight = 0
-        self.watch = WorkerWatch(cfg.parallel.tp_size, cfg.scheduler.worker_stall_timeout_s)
+        self.watch = WorkerWatch(self.instance.tp_size, cfg.scheduler.worker_stall_timeout_s)
+        self.incarnation = uuid.uuid4().hex[:12]  # a restarted instance is a new incarnation
+        self.routes: dict[str, Channel] = {}  # address -> PUSH (frontends, routers)
+        self.routers: dict[bytes, str] = {}  # store key -> the router's reports address
+        self._next_report = 0.0
+        self._next_events = 0.0
 
     async def setup(self) -> dict:
-        a = self.cfg.addresses
-        self.inputs = self.channel(zmq.PULL, a.scheduler_in, bind=True, union=SchedulerInput)
-        self.to_frontend = self.channel(zmq.PUSH, a.frontend_in, bind=False)
-        self.results = self.channel(zmq.PULL, a.results, bind=True, union=WorkerOutput)
-        self.plans = [self.channel(zmq.PUSH, a.plan(r), bind=True) for r in range(self.cfg.parallel.tp_size)]
+        plan, inst = self.plan, self.instance.id
+        self.inputs = self.channel(zmq.PULL, plan.scheduler_in(inst), bind=True, union=SchedulerInput)
+        self.results = self.channel(zmq.PULL, plan.results(inst), bind=True, union=WorkerOutput)
+        self.plans = [self.channel(zmq.PUSH, plan.plan(inst, r), bind=True)
+                      for r in range(self.instance.tp_size)]
         self.poller = zmq.asyncio.Poller()
         self.poller.register(self.inputs.sock, zmq.POLLIN)
         self.poller.register(self.results.sock, zmq.POLLIN)
-        return {"num_blocks": self.cfg.cache.num_blocks}
+        self._register()
+        return {"num_blocks": self.cfg.cache.num_blocks, "incarnation": self.incarnation}
+
+    def _register(self) -> None:
+        """Put this instance in the store (under a lease) and follow the routers there."""
+        plan, cfg = self.plan, self.cfg
+        self.store = open_store(plan.metastore, client_address=plan.store)
+        record = InstanceRecord(self.instance.id, self.incarnation, plan.scheduler_in(self.instance.id),
+                                self.instance.role, cfg.model.served_name, cfg.cache.num_blocks,
+                                cfg.cache.block_size, cfg.scheduler.max_num_seqs)
+        self.registration = Registration(self.store, keys.instance_key(plan.deployment, self.instance.id),
+                                         msgspec.json.encode(record))
+        self.background(self.registration.run())
+        self.background(PrefixFollower(self.store, keys.routers_prefix(plan.deployment),
+                                       self._router_put, self._router_delete).run())
+
+    async def _router_put(self, key: bytes, value: bytes) -> None:
+        self.routers[key] = msgspec.json.decode(value, type=RouterRecord).reports
+        self._next_report = 0.0  # tell the new router about this instance now
+
+    async def _router_delete(self, key: bytes) -> None:
+        self.routers.pop(key, None)
+
+    async def teardown(self) -> None:
+        await self.registration.withdraw()
+        await self.store.close()
 
     async def run(self) -> None:
         while True:
@@ -53,6 +99,7 @@ class SchedulerActor(Actor):
                 await self._on_result(await self._recv(self.results))
             while self.inputs.poll_now():
                 await self._on_input(await self._recv(self.inputs))
+            await self._report()
             if self.in_flight < self.depth and self.core.has_work():
                 plan = self.core.schedule()
                 if plan is not None:
@@ -64,7 +111,8 @@ class SchedulerActor(Actor):
             if self.watch.ping_due():
                 for ch in self.plans:
                     await ch.send(ControlCall(0, "ping"))
-            await self.poller.poll(None if self.in_flight else int(PING_INTERVAL_S * 1000))
+            wait = LOAD_REPORT_S if self.in_flight else min(LOAD_REPORT_S, PING_INTERVAL_S)
+            await self.poller.poll(int(wait * 1000))
 
     async def _recv(self, ch):
         try:
@@ -73,6 +121,30 @@ class SchedulerActor(Actor):
             log.error("rejected a malformed message: %s", exc)
             return None
 
+    # -- the router's view ------------------------------------------------------------------
+    async def _report(self) -> None:
+        """Push prefix-cache changes (batched briefly) and, twice a second, the load."""
+        now = time.monotonic()
+        if now >= self._next_events and self.core.blocks.events:
+            self._next_events = now + KV_EVENTS_S
+            ev = self.core.blocks.drain_events()
+            await self._to_routers(KVEventBatch(
+                self.instance.id, self.incarnation, [BlockStored(h, p, t) for h, p, t in ev.stored],
+                ev.removed, ev.cleared))
+        if now >= self._next_report:
+            self._next_report = now + LOAD_REPORT_S
+            core, blocks = self.core, self.core.blocks
+            finished, core.finished_since_report = core.finished_since_report, []
+            await self._to_routers(InstanceLoad(
+                self.instance.id, self.incarnation, len(core.waiting), len(core.running),
+                blocks.num_free_blocks, blocks.num_blocks, core.stats.ttft_s, core.stats.tpot_s, finished))
+
+    async def _to_routers(self, msg) -> None:
+        # NOTE: every router keeps its own view, so each hears everything
+        for address in self.routers.values():
+            await self._route(address).send(msg)
+
+    # -- steps ------------------------------------------------------------------------------
     async def _on_result(self, msg) -> None:
         match msg:
             case StepResult():
@@ -92,9 +164,9 @@ class SchedulerActor(Actor):
                 try:
                     self.core.add_request(msg)
                 except ValueError as exc:
-                    await self.to_frontend.send(RequestRejected(msg.req_id, str(exc)))
+                    await self._route(msg.reply_to).send(RequestRejected(msg.req_id, str(exc)))
                 except OverflowError as exc:
-                    await self.to_frontend.send(RequestRejected(msg.req_id, str(exc), "overloaded"))
+                    await self._route(msg.reply_to).send(RequestRejected(msg.req_id, str(exc), "overloaded"))
             case AbortRequest():
                 req = self.core.abort(msg.req_id)
                 if req is not None:
@@ -102,17 +174,26 @@ class SchedulerActor(Actor):
                     out.add(req, [], "abort")
                     await self._emit(-1, out)
             case ControlCall():
-                await self.to_frontend.send(self._control(msg))
+                if msg.reply_to:
+                    await self._route(msg.reply_to).send(self._control(msg))
+
+    def _route(self, address: str) -> Channel:
+        """The PUSH socket to one frontend, opened the first time a request names it."""
+        ch = self.routes.get(address)
+        if ch is None:
+            ch = self.routes[address] = self.channel(zmq.PUSH, address, bind=False)
+        return ch
 
     async def _emit(self, step_id: int, out: StepOutputs) -> None:
         if out.rows:
-            await self.to_frontend.send(out.to_batch(step_id))
+            for route, batch in out.to_batches(step_id, self.instance.id).items():
+                await self._route(route).send(batch)
 
     def _control(self, call: ControlCall) -> ControlReply:
         core = self.core
         match call.method:
             case "stats":
-                return ControlReply(call.call_id, True, core.snapshot())
+                return ControlReply(call.call_id, True, {**core.snapshot(), "instance_id": self.instance.id})
             case "health":
                 problem = self.watch.problem()
                 if problem is not None:
@@ -122,8 +203,4 @@ class SchedulerActor(Actor):
                 return ControlReply(call.call_id, True, core.blocks.reset_prefix_cache())
             case "check_integrity":
                 return ControlReply(call.call_id, True, core.blocks.check_integrity())
-            case "kv_events":
-                ev = core.blocks.drain_events()
-                return ControlReply(call.call_id, True,
-                                    {"stored": ev.stored, "removed": ev.removed, "cleared": ev.cleared})
         return ControlReply(call.call_id, False, error=f"unknown method {call.method!r}")

@@ -13,24 +13,11 @@ blocks have references, "cached" blocks have none but a hash, "free" blocks neit
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-import numpy as np
-
-ROOT_HASH = 0
-
-
-def hash_block(parent: int, token_ids: Sequence[int], extra: bytes = b"") -> int:
-    """Chained 64-bit hash of one full block; stable across processes and machines."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(parent.to_bytes(8, "little"))
-    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
-    h.update(extra)
-    return int.from_bytes(h.digest(), "little")
-
+from ..block_hash import ROOT_HASH, block_hashes
 
 class BlockOwner(Protocol):
     """What the block manager needs of a request."""
@@ -46,9 +33,12 @@ class BlockOwner(Protocol):
 class KVEvents:
     """Changes to the prefix cache since the last drain, for a global prefix index."""
 
-    stored: list[int] = field(default_factory=list)  # block hashes entered in the cache
+    stored: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (hash, parent, tokens)
     removed: list[int] = field(default_factory=list)  # block hashes evicted
-    cleared: bool = False  # the whole cache was reset
+    cleared: bool = False  # the whole cache was reset (before ``stored``)
+
+    def __bool__(self) -> bool:
+        return bool(self.stored or self.removed or self.cleared)
 
 
 class BlockManager:
@@ -60,6 +50,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks  # of cached blocks
         self.cached: dict[int, int] = {}  # hash -> block id
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.events = KVEvents()
@@ -86,11 +77,8 @@ class BlockManager:
     def update_hashes(self, owner: BlockOwner) -> None:
         """Extend ``owner.block_hashes`` over its full blocks of known tokens."""
         tokens = owner.known_token_ids()
-        bs = self.block_size
-        hashes = owner.block_hashes
-        for i in range(len(hashes), len(tokens) // bs):
-            parent = hashes[-1] if hashes else ROOT_HASH
-            hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs]))
+        if len(owner.block_hashes) < len(tokens) // self.block_size:
+            owner.block_hashes[:] = block_hashes(tokens, self.block_size, owner.block_hashes)
 
     def match_prefix(self, owner: BlockOwner, max_tokens: int) -> list[int]:
         """Cached blocks that hold the longest prefix of ``owner``'s tokens (at most
@@ -99,9 +87,11 @@ class BlockManager:
             return []
         self.update_hashes(owner)
         hits: list[int] = []
-        for h in owner.block_hashes[: max_tokens // self.block_size]:
+        tokens, bs = owner.known_token_ids(), self.block_size
+        for i, h in enumerate(owner.block_hashes[: max_tokens // bs]):
             block = self.cached.get(h)
-            if block is None:
+            # NOTE: trust, but verify the hash: a hit must hold these very tokens
+            if block is None or self.block_tokens[block] != tuple(tokens[i * bs:(i + 1) * bs]):
                 break
             hits.append(block)
         return hits
@@ -126,9 +116,11 @@ class BlockManager:
             h = owner.block_hashes[i]
             if h in self.cached:
                 continue  # same content already cached in another block
+            block_tokens = list(owner.known_token_ids()[i * self.block_size:(i + 1) * self.block_size])
             self.block_hash[block] = h
+            self.block_tokens[block] = tuple(block_tokens)
             self.cached[h] = block
-            self.events.stored.append(h)
+            self.events.stored.append((h, owner.block_hashes[i - 1] if i else ROOT_HASH, block_tokens))
         owner.num_cached_blocks = n_full
 
     # -- allocation ------------------------------------------------------------------------
@@ -166,6 +158,7 @@ class BlockManager:
         h = self.block_hash[block]
         if h is not None:
             self.block_hash[block] = None
+            self.block_tokens[block] = None
             if self.cached.get(h) == block:
                 del self.cached[h]
                 self.events.removed.append(h)
@@ -176,6 +169,7 @@ class BlockManager:
             return False
         for b in range(self.num_blocks):
             self.block_hash[b] = None
+            self.block_tokens[b] = None
         self.cached.clear()
         self.events = KVEvents(cleared=True)
         return True

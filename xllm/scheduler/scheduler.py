@@ -33,7 +33,7 @@ class StepOutputs:
 
     def add(self, req: Request, tokens: list[int], reason: str | None, logprobs=None) -> None:
         self.rows.append((req.req_id, tokens, reason, max(req.num_cached_tokens, 0),
-                          req.queue_time or 0.0, logprobs))
+                          req.queue_time or 0.0, logprobs, req.reply_to))
 
     def _column(self, i: int) -> list:
         return [row[i] for row in self.rows]
@@ -50,10 +50,17 @@ class StepOutputs:
     def finish_reasons(self) -> list[str | None]:
         return self._column(2)
 
-    def to_batch(self, step_id: int) -> TokenBatch:
-        ids, tokens, reasons, cached, queue, logprobs = map(list, zip(*self.rows))
-        return TokenBatch(step_id, ids, tokens, reasons, cached, queue,
-                          logprobs if any(x is not None for x in logprobs) else [])
+    def to_batches(self, step_id: int, instance_id: str = "") -> dict[str, TokenBatch]:
+        """One ``TokenBatch`` per route (the frontend each request came from)."""
+        by_route: dict[str, list[tuple]] = {}
+        for row in self.rows:
+            by_route.setdefault(row[6], []).append(row)
+        batches = {}
+        for route, rows in by_route.items():
+            ids, tokens, reasons, cached, queue, logprobs, _ = map(list, zip(*rows))
+            batches[route] = TokenBatch(step_id, ids, tokens, reasons, cached, queue,
+                                        logprobs if any(x is not None for x in logprobs) else [], instance_id)
+        return batches
 
 
 @dataclass
@@ -69,6 +76,18 @@ class SchedulerStats:
     total_scheduled_tokens: int = 0
     total_prompt_tokens: int = 0
     total_output_tokens: int = 0
+    ttft_s: float = 0.0  # moving mean of arrival -> first token
+    tpot_s: float = 0.0  # moving mean of the gap between output tokens
+
+    def observe_token(self, req: "Request", now: float) -> None:
+        """Fold one output token of ``req`` into the latency means (weight 1/16)."""
+        if req.last_token_time is None:
+            ttft = max(0.0, now - req.arrival_time)
+            self.ttft_s = ttft if not self.ttft_s else self.ttft_s + (ttft - self.ttft_s) / 16
+        else:
+            gap = now - req.last_token_time
+            self.tpot_s = gap if not self.tpot_s else self.tpot_s + (gap - self.tpot_s) / 16
+        req.last_token_time = now
 
 
 class Scheduler:
@@ -83,6 +102,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # kept sorted by policy rank
         self.running: list[Request] = []
         self._drop_on_worker: list[str] = []  # finished/preempted ids the workers still hold
+        self.finished_since_report: list[str] = []  # ended requests, for the router's load view
         self._step_id = 0
         self.stats = SchedulerStats()
 
@@ -106,6 +126,8 @@ class Scheduler:
         if len(self.waiting) >= self.cfg.max_queued_requests:
             raise OverflowError(f"the queue is full ({self.cfg.max_queued_requests} waiting)")
         req = Request(msg)
+        if msg.block_size == self.blocks.block_size:
+            req.block_hashes = list(msg.block_hashes)  # computed by the frontend
         self.requests[req.req_id] = req
         self._enqueue(req)
         self.stats.total_prompt_tokens += n
@@ -249,6 +271,7 @@ class Scheduler:
         """Fold sampled tokens in; returns what the frontend must hear."""
         out = StepOutputs()
         rows = {rid: i for i, rid in enumerate(result.logprob_req_ids)}
+        now = time.time()
         for req_id, token in zip(result.req_ids, result.token_ids):
             req = self.requests.get(req_id)
             if req is None or req.num_placeholders == 0:
@@ -256,6 +279,7 @@ class Scheduler:
             req.num_placeholders -= 1
             reason = req.append_token(token, self.max_model_len)
             self.stats.total_output_tokens += 1
+            self.stats.observe_token(req, now)
             if reason is not None:
                 self._finish(req, reason)
             out.add(req, [token], reason, _logprobs(result, rows.get(req_id), req.sampling.logprobs, token))
@@ -287,6 +311,7 @@ class Scheduler:
         req.finish_reason = reason
         self._forget_on_worker(req)
         del self.requests[req.req_id]
+        self.finished_since_report.append(req.req_id)
         self.stats.num_finished += 1
 
     def _forget_on_worker(self, req: Request) -> None:

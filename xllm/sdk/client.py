@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from ..bus import curve
 from ..bus.channel import Channel
 from ..protocol import (
     AbortRequest, ChatMessage, ClientReply, ControlCall, ControlReply, ErrorReply, GenerateRequest,
@@ -45,15 +46,18 @@ class Completion:
     num_prompt_tokens: int
     num_cached_tokens: int = 0
     deltas: list[RequestDelta] = field(default_factory=list, repr=False)
+    error: str | None = None  # why it ended, when finish_reason is "error"
 
 
 class AsyncClient:
     """Talk to one deployment. Methods: ``generate``, ``stream``, ``abort``, ``call``."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, key_dir: str = "") -> None:
+        """``key_dir``: the cluster's CURVE keys, for a deployment started with them."""
         self.address = address
         self._ctx = zmq.asyncio.Context()
-        options = {zmq.HEARTBEAT_IVL: HEARTBEAT_MS, zmq.HEARTBEAT_TIMEOUT: HEARTBEAT_TIMEOUT_MS}
+        options = {zmq.HEARTBEAT_IVL: HEARTBEAT_MS, zmq.HEARTBEAT_TIMEOUT: HEARTBEAT_TIMEOUT_MS,
+                   **curve.options(address, key_dir, server=False)}
         self._ch = Channel(self._ctx, zmq.DEALER, address, bind=False, union=ClientReply, options=options)
         self._monitor = self._ch.sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
@@ -116,7 +120,7 @@ class AsyncClient:
         last = deltas[-1]
         return Completion(req.req_id, "".join(d.text for d in deltas),
                           [t for d in deltas for t in d.token_ids], last.finish_reason,
-                          last.num_prompt_tokens, last.num_cached_tokens, deltas)
+                          last.num_prompt_tokens, last.num_cached_tokens, deltas, last.error)
 
     async def _run(self, req: GenerateRequest) -> AsyncIterator[RequestDelta]:
         self._ensure_reader()

@@ -24,10 +24,11 @@ class OverloadedError(XllmError):
 
 
 class EngineUnavailableError(XllmError):
-    """No answer from the deployment within the timeout, or the connection to it was lost
-    (``code`` "timeout" or "disconnected")."""
+    """No answer from the deployment within the timeout, the connection to it was lost, or
+    no instance serves (``code`` "timeout", "disconnected" or "unavailable")."""
 
 
 def error_for(code: str, message: str, req_id: str | None = None, param: str | None = None) -> XllmError:
-    cls = {"bad_request": BadRequestError, "overloaded": OverloadedError}.get(code, XllmError)
+    cls = {"bad_request": BadRequestError, "overloaded": OverloadedError,
+           "unavailable": EngineUnavailableError}.get(code, XllmError)
     return cls(code, message, req_id, param)

@@ -16,14 +16,14 @@ _DONE = object()
 class Client:
     """Blocking client: ``generate``, ``stream``, ``abort``, ``call``, ``wait_ready``."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, key_dir: str = "") -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="xllm-client", daemon=True)
         self._thread.start()
-        self._client: AsyncClient = self._run(self._make(address))
+        self._client: AsyncClient = self._run(self._make(address, key_dir))
 
-    async def _make(self, address: str) -> AsyncClient:
-        return AsyncClient(address)
+    async def _make(self, address: str, key_dir: str) -> AsyncClient:
+        return AsyncClient(address, key_dir)
 
     def _run(self, coro) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

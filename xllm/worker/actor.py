@@ -14,7 +14,8 @@ import zmq
 
 from ..bus.actor import Actor
 from ..bus.codec import DecodeError
-from ..config import EngineConfig, read_hf_config
+from ..config import read_hf_config
+from ..deploy.plan import ActorSpec, DeploymentPlan
 from ..layers.parallel import SINGLE, ProcessGroupComm, TPGroup
 from ..protocol import ControlCall, ControlReply, StepPlan, WorkerError, WorkerInput
 from .graph_runner import default_buckets
@@ -26,25 +27,29 @@ log = logging.getLogger(__name__)
 class WorkerActor(Actor):
     """Holds the weights and KV cache of one rank and executes step plans."""
 
-    def __init__(self, cfg: EngineConfig, rank: int) -> None:
-        super().__init__(f"worker-{rank}", cfg.addresses.launcher, cfg.addresses.run_dir)
-        self.cfg = cfg
-        self.rank = rank
+    def __init__(self, plan: DeploymentPlan, spec: ActorSpec) -> None:
+        super().__init__(spec.name, plan.launcher, plan.run_dir, plan.key_dir)
+        self.plan = plan
+        self.spec = spec
+        self.instance = plan.instance(spec.instance)
+        self.cfg = plan.engine
+        self.rank = spec.rank
         self.runner: ModelRunner | None = None
 
     async def setup(self) -> dict:
         import torch
 
         par = self.cfg.parallel
-        threads = par.threads_per_worker  # resolved by the launcher
+        threads = self.spec.threads
         torch.set_num_threads(threads)
         tp = self._init_tp()
-        self.plans = self.channel(zmq.PULL, self.cfg.addresses.plan(self.rank), bind=False, union=WorkerInput)
+        inst = self.instance.id
+        self.plans = self.channel(zmq.PULL, self.plan.plan(inst, self.rank), bind=False, union=WorkerInput)
         # every rank answers heartbeats; only rank 0 sends step results
-        self.results = self.channel(zmq.PUSH, self.cfg.addresses.results, bind=False)
+        self.results = self.channel(zmq.PUSH, self.plan.results(inst), bind=False)
         hf = read_hf_config(self.cfg.model.path)
         # NOTE: graphs are single-rank for now: collectives stay eager (tp > 1 runs eagerly)
-        eager = self.cfg.model.enforce_eager or par.tp_size > 1
+        eager = self.cfg.model.enforce_eager or self.instance.tp_size > 1
         buckets = None if eager else default_buckets(self.cfg.scheduler.max_num_seqs)
         # NOTE: built and compiled on this (the main) thread, the one that runs the steps:
         # thread counts and packed-weight choices are per thread, and a compiled graph keeps
@@ -55,7 +60,7 @@ class WorkerActor(Actor):
         return {"rank": self.rank, "threads": threads}
 
     def _init_tp(self) -> TPGroup:
-        size = self.cfg.parallel.tp_size
+        size = self.instance.tp_size
         if size == 1:
             return SINGLE
         import torch.distributed as dist
@@ -63,7 +68,7 @@ class WorkerActor(Actor):
         from ..platform import current
         from ..platform.shm_comm import ShmCommunicator
 
-        dist.init_process_group(current().dist_backend, init_method=self.cfg.addresses.dist_init_file(),
+        dist.init_process_group(current().dist_backend, init_method=self.plan.dist_init(self.instance.id),
                                 rank=self.rank, world_size=size)
         comm = ProcessGroupComm(dist.group.WORLD)
         if current().name == "cpu" and self.cfg.parallel.shm_collectives and ShmCommunicator.available():
@@ -71,7 +76,7 @@ class WorkerActor(Actor):
             sched = self.cfg.scheduler
             hidden = sched.max_num_batched_tokens * hf["hidden_size"]  # a step's hidden states
             logits = sched.max_num_seqs * -(-hf["vocab_size"] // size)  # its sampled rows' logits
-            comm = ShmCommunicator(self.cfg.addresses.run_dir, self.rank, size, max(hidden, logits) * 4,
+            comm = ShmCommunicator(self.plan.shm_key(self.instance.id), self.rank, size, max(hidden, logits) * 4,
                                    dist.barrier, fallback=comm)
         log.info("rank %d of %d: collectives through %s", self.rank, size,
                  "shared memory" if isinstance(comm, ShmCommunicator) else current().dist_backend)

@@ -1,0 +1,93 @@
+"""The router's policies and prefix index on hand-built registries."""
+
+from __future__ import annotations
+
+from xllm.block_hash import block_hashes
+from xllm.protocol import InstanceLoad, SamplingParams, TokenizedRequest
+from xllm.router.policies import KVCacheAware, PrefixCacheAware, RoundRobin
+from xllm.router.prefix_index import PrefixIndex
+from xllm.router.registry import InstanceState, Registry
+
+BS = 4
+
+
+def request(tokens: list[int]) -> TokenizedRequest:
+    return TokenizedRequest("r", tokens, SamplingParams(max_tokens=4), [], 0.0,
+                            block_hashes=block_hashes(tokens, BS), block_size=BS)
+
+
+def registry(*loads: tuple[int, int]) -> Registry:
+    """Instances i0, i1, ... with (running requests, free blocks) each."""
+    reg = Registry()
+    for n, (running, free) in enumerate(loads):
+        reg.add(InstanceState(f"i{n}", f"ipc://i{n}", "x", num_blocks=100, block_size=BS, max_num_seqs=16))
+        reg.report(InstanceLoad(f"i{n}", "x", 0, running, free, 100, 0.0, 0.0))
+    return reg
+
+
+def test_round_robin_takes_turns():
+    reg = registry((0, 100), (0, 100), (0, 100))
+    rr = RoundRobin()
+    picks = [rr.choose(request([1]), reg).id for _ in range(6)]
+    assert picks == ["i0", "i1", "i2", "i0", "i1", "i2"]
+
+
+def test_kv_cache_aware_takes_the_most_free_memory_and_counts_what_it_just_sent():
+    reg = registry((0, 40), (0, 90), (0, 60))
+    policy = KVCacheAware()
+    first = policy.choose(request([1]), reg)
+    assert first.id == "i1"
+    for _ in range(10):  # 10 just-sent requests count as 40 blocks: i2 now has the most
+        reg.routed(first)
+    assert policy.choose(request([1]), reg).id == "i2"
+
+
+def test_prefix_cache_aware_follows_the_longest_prefix():
+    reg = registry((0, 100), (0, 100), (0, 100))
+    index = PrefixIndex()
+    prompt = list(range(40))  # 10 blocks
+    hashes = block_hashes(prompt, BS)
+    index.stored("i1", hashes[:3])
+    index.stored("i2", hashes[:8])
+    policy = PrefixCacheAware(index)
+    assert policy.choose(request(prompt), reg).id == "i2"
+    assert policy.choose(request(list(range(100, 140))), reg).id in {"i0", "i1", "i2"}  # no hit anywhere
+
+
+def test_prefix_cache_aware_leaves_a_hot_instance_once_it_is_a_batch_ahead():
+    index = PrefixIndex()
+    prompt = list(range(40))
+    hashes = block_hashes(prompt, BS)
+    index.stored("i0", hashes)
+    policy = PrefixCacheAware(index)
+    assert policy.choose(request(prompt), registry((8, 100), (0, 100))).id == "i0"  # half a batch: stay
+    assert policy.choose(request(prompt), registry((17, 100), (0, 100))).id == "i1"  # over a batch: leave
+
+
+def test_prefix_cache_aware_prefers_less_load_at_equal_hits():
+    index = PrefixIndex()
+    prompt = list(range(16))
+    index.stored("i0", block_hashes(prompt, BS))
+    index.stored("i1", block_hashes(prompt, BS))
+    assert PrefixCacheAware(index).choose(request(prompt), registry((5, 100), (2, 100))).id == "i1"
+
+
+def test_prefix_index_forgets_removed_blocks_and_gone_instances():
+    index = PrefixIndex()
+    hashes = block_hashes(list(range(16)), BS)
+    index.stored("i0", hashes)
+    index.stored("i1", hashes[:2])
+    assert index.match(hashes) == {"i0": 4, "i1": 2}
+    index.removed("i0", hashes[1:2])  # a hole: only the block before it still counts
+    assert index.match(hashes) == {"i0": 1, "i1": 2}
+    index.clear("i1")
+    assert index.match(hashes) == {"i0": 1}
+    assert index.match(block_hashes(list(range(50, 66)), BS)) == {}
+
+
+def test_least_loaded_survives_many_updates():
+    reg = registry(*[(n % 7, 100) for n in range(50)])
+    for _ in range(500):
+        reg.routed(reg.least_loaded())
+    queues = [i.queue for i in reg.instances.values()]
+    assert max(queues) - min(queues) <= 1  # always the least loaded: they level out

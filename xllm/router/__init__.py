@@ -1,0 +1,1 @@
+"""The global scheduler: which instance serves each request."""

@@ -1,0 +1,59 @@
+"""The global prefix index: which instances hold which KV blocks, from their KV events.
+
+Keys are the chained block hashes of ``xllm.block_hash``, so the blocks of a prompt are
+found by walking its hashes in order: an instance's match is the number of leading
+blocks it holds. Entries are hints: the scheduler that gets the request checks its own
+cache (and the blocks' tokens) again.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+class PrefixIndex:
+    """block hash -> instances holding it. Verbs: stored, removed, clear, match."""
+
+    def __init__(self) -> None:
+        self.holders: dict[int, set[str]] = {}
+        self.by_instance: dict[str, set[int]] = {}
+
+    def stored(self, instance: str, hashes: Iterable[int]) -> None:
+        mine = self.by_instance.setdefault(instance, set())
+        for h in hashes:
+            self.holders.setdefault(h, set()).add(instance)
+            mine.add(h)
+
+    def removed(self, instance: str, hashes: Iterable[int]) -> None:
+        mine = self.by_instance.get(instance, set())
+        for h in hashes:
+            mine.discard(h)
+            who = self.holders.get(h)
+            if who is not None:
+                who.discard(instance)
+                if not who:
+                    del self.holders[h]
+
+    def clear(self, instance: str) -> None:
+        """Forget everything ``instance`` held (its cache was reset, or it is gone)."""
+        self.removed(instance, list(self.by_instance.pop(instance, ())))
+
+    def match(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Leading blocks of ``hashes`` each instance holds (only instances with at least one)."""
+        if not hashes:
+            return {}
+        first = self.holders.get(hashes[0])
+        if not first:
+            return {}
+        alive = set(first)
+        matched = dict.fromkeys(alive, 1)
+        for depth, h in enumerate(hashes[1:], start=2):
+            alive &= self.holders.get(h, set())
+            if not alive:
+                break
+            for inst in alive:
+                matched[inst] = depth
+        return matched
+
+    def __len__(self) -> int:
+        return len(self.holders)

@@ -1,0 +1,174 @@
+"""The router's view of the instances: who is there, where, and how loaded.
+
+Entries come from the metadata store (or, for a deployment of one host, from its plan);
+loads come from each instance's ``InstanceLoad`` reports, and between two reports the
+router counts the requests it sent there (``pending``) so a burst does not all land on
+the instance that looked idlest half a second ago.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Collection
+
+from ..protocol import InstanceLoad
+
+
+@dataclass
+class InstanceState:
+    """One registered instance."""
+
+    id: str
+    address: str  # its scheduler's input
+    incarnation: str = ""  # "" until it is known (from the store or a first report)
+    role: str = "mixed"
+    num_blocks: int = 1
+    block_size: int = 16
+    max_num_seqs: int = 64
+    load: InstanceLoad | None = None
+    pending: int = 0  # requests sent to it since its last load report
+    last_report: float = field(default_factory=time.monotonic)
+
+    @property
+    def queue(self) -> int:
+        """Requests it holds or is about to: waiting, running, and sent since its report."""
+        held = self.load.num_waiting + self.load.num_running if self.load else 0
+        return held + self.pending
+
+    @property
+    def load_fraction(self) -> float:
+        """``queue`` over the requests one step can hold (1.0: a full batch)."""
+        return self.queue / self.max_num_seqs
+
+    @property
+    def free_blocks(self) -> int:
+        """Free KV blocks as last reported (all of them before any report)."""
+        return self.load.num_free_blocks if self.load else self.num_blocks
+
+
+class _Ranking:
+    """The instance with the smallest ``key`` at any time, in O(log n) per change: a heap
+    with lazy deletion (an entry is stale once its instance was re-ranked or left)."""
+
+    def __init__(self, key: Callable[[InstanceState], float]) -> None:
+        self.key = key
+        self.heap: list[tuple[float, int, str]] = []
+        self.current: dict[str, int] = {}
+        self.seq = itertools.count()
+
+    def update(self, inst: InstanceState) -> None:
+        n = next(self.seq)
+        self.current[inst.id] = n
+        heapq.heappush(self.heap, (self.key(inst), n, inst.id))
+        if len(self.heap) > 4 * len(self.current) + 64:  # too many stale entries: rebuild
+            self.heap = [e for e in self.heap if self.current.get(e[2]) == e[1]]
+            heapq.heapify(self.heap)
+
+    def remove(self, instance_id: str) -> None:
+        self.current.pop(instance_id, None)
+
+    def first(self) -> str | None:
+        while self.heap:
+            _, n, iid = self.heap[0]
+            if self.current.get(iid) == n:
+                return iid
+            heapq.heappop(self.heap)
+        return None
+
+
+class _Ordered:
+    """The instances sorted by ``key`` at any time (a sorted list: O(log n) search plus a
+    memmove per change), so the least loaded instance of any subset is found by walking
+    from the front."""
+
+    def __init__(self, key: Callable[[InstanceState], float]) -> None:
+        self.key = key
+        self.entries: list[tuple[float, str]] = []
+        self.current: dict[str, tuple[float, str]] = {}
+
+    def update(self, inst: InstanceState) -> None:
+        self.remove(inst.id)
+        entry = (self.key(inst), inst.id)
+        self.current[inst.id] = entry
+        bisect.insort(self.entries, entry)
+
+    def remove(self, instance_id: str) -> None:
+        entry = self.current.pop(instance_id, None)
+        if entry is not None:
+            del self.entries[bisect.bisect_left(self.entries, entry)]
+
+    def first(self) -> str | None:
+        return self.entries[0][1] if self.entries else None
+
+    def first_of(self, ids: Collection[str]) -> str | None:
+        """The first of ``ids`` in order: quick when they are many (a few steps from the front)."""
+        for _, iid in self.entries:
+            if iid in ids:
+                return iid
+        return None
+
+
+class Registry:
+    """The instances requests may go to. Verbs: add, remove, report, routed, least_loaded."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, InstanceState] = {}
+        self._by_load = _Ordered(lambda i: i.load_fraction)
+        self._by_free = _Ranking(lambda i: -(i.free_blocks - i.pending * 4) / max(i.num_blocks, 1))
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def get(self, instance_id: str) -> InstanceState | None:
+        return self.instances.get(instance_id)
+
+    def add(self, inst: InstanceState) -> None:
+        """Register (or re-register) an instance."""
+        self.instances[inst.id] = inst
+        self._rerank(inst)
+
+    def remove(self, instance_id: str) -> InstanceState | None:
+        self._by_load.remove(instance_id)
+        self._by_free.remove(instance_id)
+        return self.instances.pop(instance_id, None)
+
+    def report(self, load: InstanceLoad) -> InstanceState | None:
+        """Fold in a load report; None when the instance is not registered."""
+        inst = self.instances.get(load.instance_id)
+        if inst is None:
+            return None
+        inst.load, inst.pending, inst.last_report = load, 0, time.monotonic()
+        self._rerank(inst)
+        return inst
+
+    def routed(self, inst: InstanceState) -> None:
+        """A request was just sent to ``inst``."""
+        inst.pending += 1
+        self._rerank(inst)
+
+    def least_loaded(self) -> InstanceState | None:
+        iid = self._by_load.first()
+        return self.instances[iid] if iid is not None else None
+
+    def least_loaded_of(self, ids: Collection[str]) -> InstanceState | None:
+        """The least loaded of ``ids``; meant for a large share of the registry (it walks
+        the instances in load order until one is in ``ids``)."""
+        iid = self._by_load.first_of(ids)
+        return self.instances[iid] if iid is not None else None
+
+    def most_free(self) -> InstanceState | None:
+        iid = self._by_free.first()
+        return self.instances[iid] if iid is not None else None
+
+    def silent(self, limit_s: float) -> list[InstanceState]:
+        """Instances whose last report is older than ``limit_s`` seconds."""
+        now = time.monotonic()
+        return [i for i in self.instances.values() if now - i.last_report > limit_s]
+
+    def _rerank(self, inst: InstanceState) -> None:
+        self._by_load.update(inst)
+        self._by_free.update(inst)
