@@ -93,6 +93,24 @@ def test_token_id_prompts_equal_text_prompts(shim, oai):
     assert two.usage.prompt_tokens == len(ids) + 2 and two.usage.completion_tokens == 8
 
 
+def test_return_token_ids_gives_the_output_tokens(shim):
+    """vLLM's ``return_token_ids``: the ids detokenize to the text, streamed or not, and
+    resending them continues the sequence exactly (what a multi-turn client needs)."""
+    body = {"model": shim.model, "prompt": "Once upon a time", "max_tokens": 10, "return_token_ids": True,
+            **GREEDY, **NO_EOS}
+    full = shim.post("/v1/completions", body).json()["choices"][0]
+    assert len(full["token_ids"]) == 10
+    assert shim.post("/detokenize", {"tokens": full["token_ids"]}).json()["prompt"] == full["text"]
+    events = sse_events(shim.post("/v1/completions", {**body, "stream": True}).body)
+    streamed = [i for e in events[:-1] for c in json.loads(e)["choices"] for i in c["token_ids"]]
+    assert streamed == full["token_ids"]
+    plain = shim.post("/v1/completions", {**body, "return_token_ids": False}).json()["choices"][0]
+    assert "token_ids" not in plain and plain["text"] == full["text"]
+    chat = shim.post("/v1/chat/completions", {"model": shim.model, "messages": [{"role": "user", "content": "hi"}],
+                                              "max_tokens": 5, "return_token_ids": True, **GREEDY, **NO_EOS})
+    assert len(chat.json()["choices"][0]["token_ids"]) == 5
+
+
 def test_n_choices_differ_and_repeat_with_a_seed(shim, oai):
     def run():
         r = oai.completions.create(model=shim.model, prompt="Hello", n=2, max_tokens=16, temperature=1.0,

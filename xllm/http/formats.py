@@ -22,6 +22,7 @@ class ChoiceState:
     prompt_index: int
     prefix: str = ""  # text put before the output (completions' echo), sent with the first chunk
     text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # None until the engine sends any
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
@@ -37,8 +38,9 @@ class Format:
     chunk_object = ""
 
     def __init__(self, model: str, choices: list[Choice], top_k: int | None,
-                 include_usage: bool = False) -> None:
+                 include_usage: bool = False, token_ids: bool = False) -> None:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.token_ids = token_ids  # vLLM's return_token_ids: choices carry their token ids
         self.include_usage = include_usage  # stream chunks carry "usage" (null but in the last)
         self.created = int(time.time())
         self.model = model
@@ -55,14 +57,19 @@ class Format:
         if not s.started:
             text = s.prefix + text
         s.text.append(text)
+        s.token_ids += delta.token_ids
         new_lp = self._logprobs(s, delta.logprobs or [])
         if delta.logprobs is not None:
             s.logprobs = (s.logprobs or []) + delta.logprobs
         s.started = True
-        if not text and delta.finish_reason is None and not delta.logprobs:
+        if not text and delta.finish_reason is None and not delta.logprobs and not (
+                self.token_ids and delta.token_ids):
             return None
-        return self.chunk_choice(index, text, new_lp if delta.logprobs is not None else None,
+        part = self.chunk_choice(index, text, new_lp if delta.logprobs is not None else None,
                                  delta.finish_reason)
+        if self.token_ids:
+            part["token_ids"] = list(delta.token_ids)
+        return part
 
     def usage(self) -> dict:
         """Token counts: each prompt once, every choice's output."""
@@ -96,6 +103,11 @@ class Format:
     def response(self) -> dict:
         raise NotImplementedError
 
+    def _with_ids(self, choice: dict, s: ChoiceState) -> dict:
+        if self.token_ids:
+            choice["token_ids"] = s.token_ids
+        return choice
+
 
 class CompletionFormat(Format):
     """``/v1/completions`` bodies; logprobs as tokens / token_logprobs / top_logprobs / offsets."""
@@ -104,8 +116,8 @@ class CompletionFormat(Format):
     chunk_object = "text_completion"
 
     def __init__(self, model: str, choices: list[Choice], top_k: int | None,
-                 include_usage: bool = False, echo: list[str] | None = None) -> None:
-        super().__init__(model, choices, top_k, include_usage)
+                 include_usage: bool = False, echo: list[str] | None = None, token_ids: bool = False) -> None:
+        super().__init__(model, choices, top_k, include_usage, token_ids)
         for s in self.states.values():
             s.prefix = echo[s.prompt_index] if echo else ""
             s.offset = len(s.prefix)
@@ -131,8 +143,8 @@ class CompletionFormat(Format):
             lp = None
             if s.logprobs is not None:
                 lp = self._logprobs(ChoiceState(0, offset=len(s.prefix)), s.logprobs)
-            choices.append({"index": index, "text": "".join(s.text), "logprobs": lp,
-                            "finish_reason": s.finish_reason})
+            choices.append(self._with_ids({"index": index, "text": "".join(s.text), "logprobs": lp,
+                                           "finish_reason": s.finish_reason}, s))
         return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.model, "choices": choices, "usage": self.usage()}
 
@@ -165,7 +177,8 @@ class ChatFormat(Format):
         choices = []
         for index, s in sorted(self.states.items()):
             lp = self._logprobs(s, s.logprobs) if s.logprobs is not None else None
-            choices.append({"index": index, "message": {"role": "assistant", "content": "".join(s.text)},
-                            "logprobs": lp, "finish_reason": s.finish_reason})
+            choices.append(self._with_ids({"index": index, "message": {"role": "assistant",
+                                                                        "content": "".join(s.text)},
+                                           "logprobs": lp, "finish_reason": s.finish_reason}, s))
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.model, "choices": choices, "usage": self.usage()}

@@ -70,7 +70,7 @@ def build_app(state: ShimState) -> FastAPI:
         check_model(state, req.model)
         choices = completion_choices(req)
         echo = await _echo_texts(state, req) if req.echo else None
-        fmt = CompletionFormat(state.model, choices, req.logprobs, _usage_asked(req), echo)
+        fmt = CompletionFormat(state.model, choices, req.logprobs, _usage_asked(req), echo, req.return_token_ids)
         return await generate(request, state, fmt, choices, req.stream)
 
     @app.post("/v1/chat/completions", openapi_extra=_body(ChatRequest))
@@ -79,7 +79,7 @@ def build_app(state: ShimState) -> FastAPI:
         check_model(state, req.model)
         choices = chat_choices(req)
         top_k = (req.top_logprobs or 0) if req.logprobs else None
-        fmt = ChatFormat(state.model, choices, top_k, _usage_asked(req))
+        fmt = ChatFormat(state.model, choices, top_k, _usage_asked(req), req.return_token_ids)
         return await generate(request, state, fmt, choices, req.stream)
 
     card = {"id": state.model, "object": "model", "created": int(time.time()), "owned_by": "xllm",

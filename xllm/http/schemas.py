@@ -50,6 +50,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
     min_tokens: Count = 0
     stop_token_ids: list[Count] | None = None
     include_stop_str_in_output: bool = False
+    return_token_ids: bool = False  # each choice (and stream chunk) carries its output token ids
     # xllm extensions
     priority: Int32 = 0  # lower runs first under the priority policy
     offline: bool = False  # only uses spare capacity
