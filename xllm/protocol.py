@@ -293,6 +293,7 @@ class InstanceLoad(msgspec.Struct, tag="load"):
     ttft_s: float  # recent mean seconds from arrival to the first token (0: none yet)
     tpot_s: float  # recent mean seconds per output token after the first
     finished_req_ids: list[str] = []  # requests that ended since the last report
+    num_waiting_blocks: int = 0  # KV blocks the waiting requests' tokens will take
 
 
 class BlockStored(msgspec.Struct, array_like=True):

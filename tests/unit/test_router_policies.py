@@ -37,8 +37,8 @@ def test_kv_cache_aware_takes_the_most_free_memory_and_counts_what_it_just_sent(
     policy = KVCacheAware()
     first = policy.choose(request([1]), reg)
     assert first.id == "i1"
-    for _ in range(10):  # 10 just-sent requests count as 40 blocks: i2 now has the most
-        reg.routed(first)
+    for _ in range(10):  # 10 just-sent prompts of 4 blocks: i2 now has the most
+        reg.routed(first, 4)
     assert policy.choose(request([1]), reg).id == "i2"
 
 
@@ -54,14 +54,30 @@ def test_prefix_cache_aware_follows_the_longest_prefix():
     assert policy.choose(request(list(range(100, 140))), reg).id in {"i0", "i1", "i2"}  # no hit anywhere
 
 
-def test_prefix_cache_aware_leaves_a_hot_instance_once_it_is_a_batch_ahead():
+def test_prefix_cache_aware_leaves_a_hot_instance_once_its_work_outweighs_the_hit():
+    index = PrefixIndex()
+    prompt = list(range(40))  # 10 blocks, all cached on i0
+    index.stored("i0", block_hashes(prompt, BS))
+    policy = PrefixCacheAware(index)
+    # 9 requests running on i0: less work than the 10 blocks of prefill it saves, so stay
+    assert policy.choose(request(prompt), registry((9, 100), (0, 100))).id == "i0"
+    # 11 there: the idle instance is cheaper despite the prefill
+    assert policy.choose(request(prompt), registry((11, 100), (0, 100))).id == "i1"
+
+
+def test_prefix_cache_aware_spreads_a_burst_of_one_conversation_family():
+    """Requests that all hit i0's cache go elsewhere once what was sent there outweighs the
+    hit, before any new load report: the just-sent prompts count."""
     index = PrefixIndex()
     prompt = list(range(40))
-    hashes = block_hashes(prompt, BS)
-    index.stored("i0", hashes)
-    policy = PrefixCacheAware(index)
-    assert policy.choose(request(prompt), registry((8, 100), (0, 100))).id == "i0"  # half a batch: stay
-    assert policy.choose(request(prompt), registry((17, 100), (0, 100))).id == "i1"  # over a batch: leave
+    index.stored("i0", block_hashes(prompt, BS))
+    reg, policy = registry((0, 100), (0, 100)), PrefixCacheAware(index)
+    picks = []
+    for _ in range(14):
+        inst = policy.choose(request(prompt), reg)
+        reg.routed(inst, 0 if inst.id == "i0" else 10)  # the prefill each brings there
+        picks.append(inst.id)
+    assert picks[:10] == ["i0"] * 10 and "i1" in picks
 
 
 def test_prefix_cache_aware_prefers_less_load_at_equal_hits():
@@ -89,5 +105,5 @@ def test_least_loaded_survives_many_updates():
     reg = registry(*[(n % 7, 100) for n in range(50)])
     for _ in range(500):
         reg.routed(reg.least_loaded())
-    queues = [i.queue for i in reg.instances.values()]
-    assert max(queues) - min(queues) <= 1  # always the least loaded: they level out
+    loads = [i.work for i in reg.instances.values()]
+    assert max(loads) - min(loads) <= 1  # always the least loaded: they level out

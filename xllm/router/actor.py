@@ -187,7 +187,8 @@ class RouterActor(Actor):
             await self.frontends.send_to(frontend, RequestRejected(
                 req.req_id, "no instance is serving this deployment", "unavailable"))
             return
-        self.registry.routed(inst)
+        hashes = req.block_hashes
+        self.registry.routed(inst, len(hashes) - self.index.deepest(inst.id, hashes))
         self.placed[req.req_id] = (inst.id, frontend)
         self.stats["routed"] += 1
         await self._to_instance(inst.id, req)

@@ -5,18 +5,21 @@ none. Their formulas, as the README states them:
 
 - ``round_robin``: the instances in turn.
 - ``kv_cache_aware``: the instance with the largest share of free KV blocks, counting
-  4 blocks for each request sent to it since its last report.
-- ``prefix_cache_aware``: the instance maximising
-  ``score = hit_blocks / prompt_blocks - balance * queue / max_num_seqs``, where
-  ``hit_blocks`` is the depth of the prompt's deepest full block the instance holds (the
-  global prefix index; a block's hash chains its parents', so holding it means holding
-  the prefix up to it, unless a parent alone was evicted: the index is a hint) and
-  ``queue`` its waiting + running + just-sent requests. The cache term is at most 1, so
-  once an instance holds a full batch more than another (``balance`` = 1), no cache hit
-  keeps traffic on it: one hot instance cannot take everything.
+  the prompt blocks of the requests sent to it since its last report.
+- ``prefix_cache_aware``: the instance minimising, in KV blocks of prefill,
+  ``cost = (prompt_blocks - hit_blocks) + balance * work``. ``prompt_blocks -
+  hit_blocks`` is the prefill this request needs there: ``hit_blocks`` is the depth of the
+  prompt's deepest full block the instance holds (the global prefix index; a block's hash
+  chains its parents', so holding it means holding the prefix up to it, unless a parent
+  alone was evicted: the index is a hint). ``work`` is what is queued there before it:
+  its waiting requests' blocks and the prefill of the requests sent since its last
+  report, plus one block per running or just-sent request. A cache hit is worth exactly
+  the prefill it saves, so conversations stay where their history is while the instances
+  are about as busy, and an instance whose queue outgrows what its cache saves stops
+  attracting requests (``balance`` = 1): one hot instance cannot take everything.
 
   A decision walks the prompt's blocks from the deepest and stops as soon as no shallower
-  hit can beat the best score so far (even on the least loaded instance); among many
+  hit can beat the best cost so far (even on the least loaded instance); among many
   holders of one block (a shared system prompt) it takes the least loaded one straight
   from the load order. So it costs about the prompt's length, not the number of instances.
 """
@@ -70,29 +73,29 @@ class PrefixCacheAware:
         if least is None:
             return None
         hashes, holders_of, balance = req.block_hashes, self.index.holders, self.balance
-        n = max(len(hashes), 1)
-        floor = balance * least.load_fraction  # no instance pays a smaller load term
-        best, best_score = least, -floor
+        n = len(hashes)
+        floor = balance * least.work  # no instance has less work in it
+        best, best_cost = least, n + floor
         seen: set[str] = set()
         many = max(8, len(registry) // 8)  # holders beyond this: pick from the load order
-        for depth in range(len(hashes), 0, -1):
-            if depth / n - floor <= best_score:
+        for depth in range(n, 0, -1):
+            if n - depth + floor >= best_cost:
                 break  # nothing at this depth or shallower can win
             holders = holders_of.get(hashes[depth - 1])
             if not holders:
                 continue
             if len(holders) > many:
                 pick = registry.least_loaded_of(holders)
-                candidates = (pick,) if pick is not None else ()
+                candidates = [pick] if pick is not None else []
             else:
                 candidates = [registry.instances.get(i) for i in holders if i not in seen]
             for inst in candidates:
                 if inst is None:
                     continue
                 seen.add(inst.id)
-                score = depth / n - balance * inst.load_fraction
-                if score > best_score:
-                    best, best_score = inst, score
+                cost = n - depth + balance * inst.work
+                if cost < best_cost:
+                    best, best_cost = inst, cost
         return best
 
 

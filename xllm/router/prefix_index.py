@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 
 class PrefixIndex:
-    """block hash -> instances holding it. Verbs: stored, removed, clear, match."""
+    """block hash -> instances holding it. Verbs: stored, removed, clear, deepest, match."""
 
     def __init__(self) -> None:
         self.holders: dict[int, set[str]] = {}
@@ -37,6 +37,15 @@ class PrefixIndex:
     def clear(self, instance: str) -> None:
         """Forget everything ``instance`` held (its cache was reset, or it is gone)."""
         self.removed(instance, list(self.by_instance.pop(instance, ())))
+
+    def deepest(self, instance: str, hashes: Sequence[int]) -> int:
+        """The depth of the deepest of ``hashes`` that ``instance`` holds (0: none)."""
+        mine = self.by_instance.get(instance)
+        if mine:
+            for depth in range(len(hashes), 0, -1):
+                if hashes[depth - 1] in mine:
+                    return depth
+        return 0
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Leading blocks of ``hashes`` each instance holds (only instances with at least one)."""

@@ -2,8 +2,8 @@
 
 Entries come from the metadata store (or, for a deployment of one host, from its plan);
 loads come from each instance's ``InstanceLoad`` reports, and between two reports the
-router counts the requests it sent there (``pending``) so a burst does not all land on
-the instance that looked idlest half a second ago.
+router counts the requests it sent there (``pending``, and their prompts' blocks) so a
+burst does not all land on the instance that looked idlest half a second ago.
 """
 
 from __future__ import annotations
@@ -31,18 +31,16 @@ class InstanceState:
     max_num_seqs: int = 64
     load: InstanceLoad | None = None
     pending: int = 0  # requests sent to it since its last load report
+    pending_blocks: int = 0  # the prefill they bring (their prompts' blocks it does not hold)
     last_report: float = field(default_factory=time.monotonic)
 
     @property
-    def queue(self) -> int:
-        """Requests it holds or is about to: waiting, running, and sent since its report."""
-        held = self.load.num_waiting + self.load.num_running if self.load else 0
-        return held + self.pending
-
-    @property
-    def load_fraction(self) -> float:
-        """``queue`` over the requests one step can hold (1.0: a full batch)."""
-        return self.queue / self.max_num_seqs
+    def work(self) -> int:
+        """The work queued in it, in KV blocks of prefill: its waiting requests' blocks and
+        the prefill of those sent since its last report, plus one per running or
+        just-sent request (the share of every step a running request takes)."""
+        reported = self.load.num_waiting_blocks + self.load.num_running if self.load else 0
+        return reported + self.pending_blocks + self.pending
 
     @property
     def free_blocks(self) -> int:
@@ -117,8 +115,8 @@ class Registry:
 
     def __init__(self) -> None:
         self.instances: dict[str, InstanceState] = {}
-        self._by_load = _Ordered(lambda i: i.load_fraction)
-        self._by_free = _Ranking(lambda i: -(i.free_blocks - i.pending * 4) / max(i.num_blocks, 1))
+        self._by_load = _Ordered(lambda i: i.work)
+        self._by_free = _Ranking(lambda i: -(i.free_blocks - i.pending_blocks) / max(i.num_blocks, 1))
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -141,13 +139,14 @@ class Registry:
         inst = self.instances.get(load.instance_id)
         if inst is None:
             return None
-        inst.load, inst.pending, inst.last_report = load, 0, time.monotonic()
+        inst.load, inst.pending, inst.pending_blocks, inst.last_report = load, 0, 0, time.monotonic()
         self._rerank(inst)
         return inst
 
-    def routed(self, inst: InstanceState) -> None:
-        """A request was just sent to ``inst``."""
+    def routed(self, inst: InstanceState, blocks: int = 0) -> None:
+        """A request was just sent to ``inst``; ``blocks``: the prefill it brings there."""
         inst.pending += 1
+        inst.pending_blocks += blocks
         self._rerank(inst)
 
     def least_loaded(self) -> InstanceState | None:

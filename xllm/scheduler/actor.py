@@ -137,7 +137,8 @@ class SchedulerActor(Actor):
             finished, core.finished_since_report = core.finished_since_report, []
             await self._to_routers(InstanceLoad(
                 self.instance.id, self.incarnation, len(core.waiting), len(core.running),
-                blocks.num_free_blocks, blocks.num_blocks, core.stats.ttft_s, core.stats.tpot_s, finished))
+                blocks.num_free_blocks, blocks.num_blocks, core.stats.ttft_s, core.stats.tpot_s, finished,
+                sum(-(-r.num_tokens // blocks.block_size) for r in core.waiting)))
 
     async def _to_routers(self, msg) -> None:
         # NOTE: every router keeps its own view, so each hears everything
