@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from contextlib import asynccontextmanager
 
 import pytest
@@ -149,3 +150,34 @@ async def _until(predicate, limit_s: float = 10.0) -> None:
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(poll(), limit_s)  # a bound on the test, not a measurement
+
+
+async def test_an_etcd_with_authentication_admits_only_its_user(tmp_path, monkeypatch):
+    """Credentials come from XLLM_ETCD_USER / XLLM_ETCD_PASSWORD (never the command line)."""
+    with running_etcd(tmp_path) as etcd:
+        endpoint = f"http://127.0.0.1:{etcd.client_port}"
+        for cmd in (["user", "add", "root:s3cret"], ["auth", "enable"]):
+            subprocess.run(["etcdctl", "--endpoints", endpoint, *cmd], check=True, capture_output=True)
+        monkeypatch.setenv("XLLM_ETCD_USER", "root")
+        monkeypatch.setenv("XLLM_ETCD_PASSWORD", "s3cret")
+        store = open_store(etcd.url)
+        try:
+            await store.put(b"/t/k", b"v")
+            assert await store.get(b"/t/k") == b"v"
+        finally:
+            await store.close()
+        monkeypatch.setenv("XLLM_ETCD_PASSWORD", "wrong")
+        stranger = open_store(etcd.url)
+        try:
+            with pytest.raises(StoreUnavailable):
+                await stranger.get(b"/t/k")
+        finally:
+            await stranger.close()
+        monkeypatch.delenv("XLLM_ETCD_USER")
+        monkeypatch.delenv("XLLM_ETCD_PASSWORD")
+        anonymous = open_store(etcd.url)
+        try:
+            with pytest.raises(StoreUnavailable):
+                await anonymous.get(b"/t/k")
+        finally:
+            await anonymous.close()

@@ -8,6 +8,7 @@ processes reach it through ``StoreClient``) and ``EtcdStore`` (etcd v3 through
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
@@ -63,7 +64,10 @@ def open_store(url: str, *, client_address: str = "", options: dict | None = Non
         from .etcd import EtcdStore
 
         host, _, port = url.removeprefix("etcd://").rpartition(":")
-        return EtcdStore(host or "127.0.0.1", int(port or 2379), **(options or {}))
+        # NOTE: credentials come from the environment, never the command line or the plan file
+        auth = {"username": os.environ.get("XLLM_ETCD_USER"), "password": os.environ.get("XLLM_ETCD_PASSWORD")}
+        auth = {k: v for k, v in auth.items() if v}
+        return EtcdStore(host or "127.0.0.1", int(port or 2379), **{**auth, **(options or {})})
     if url == "embedded":
         from .client import StoreClient
 
