@@ -44,7 +44,11 @@ class Channel:
             # a send to a peer that is gone fails (``send_to`` returns False), so the owner
             # learns of it and can drop the peer's work
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        (self.sock.bind if bind else self.sock.connect)(address)
+        try:
+            (self.sock.bind if bind else self.sock.connect)(address)
+        except (zmq.ZMQError, ValueError):
+            self.sock.close(0)
+            raise
         self._enc = Encoder()
         self._dec = Decoder(union) if union is not None else None
 

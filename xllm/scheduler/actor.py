@@ -143,7 +143,9 @@ class SchedulerActor(Actor):
     async def _to_routers(self, msg) -> None:
         # NOTE: every router keeps its own view, so each hears everything
         for address in self.routers.values():
-            await self._route(address).send(msg)
+            ch = self._route(address)
+            if ch is not None:
+                await ch.send(msg)
 
     # -- steps ------------------------------------------------------------------------------
     async def _on_result(self, msg) -> None:
@@ -160,7 +162,11 @@ class SchedulerActor(Actor):
                 pass
 
     async def _on_input(self, msg) -> None:
+        if isinstance(msg, (TokenizedRequest, ControlCall)) and msg.reply_to and self._route(msg.reply_to) is None:
+            return  # nowhere to answer: dropped (and logged)
         match msg:
+            case TokenizedRequest() if not msg.reply_to:
+                log.error("dropped request %s: it names no route for its outputs", msg.req_id)
             case TokenizedRequest():
                 try:
                     self.core.add_request(msg)
@@ -178,17 +184,24 @@ class SchedulerActor(Actor):
                 if msg.reply_to:
                     await self._route(msg.reply_to).send(self._control(msg))
 
-    def _route(self, address: str) -> Channel:
-        """The PUSH socket to one frontend, opened the first time a request names it."""
+    def _route(self, address: str) -> Channel | None:
+        """The PUSH socket to one frontend, opened the first time a request names it; None
+        (logged) for an address ZeroMQ cannot connect to."""
         ch = self.routes.get(address)
         if ch is None:
-            ch = self.routes[address] = self.channel(zmq.PUSH, address, bind=False)
+            try:
+                ch = self.routes[address] = self.channel(zmq.PUSH, address, bind=False)
+            except (zmq.ZMQError, ValueError) as exc:
+                log.error("cannot answer on %r: %s", address[:200], exc)
+                return None
         return ch
 
     async def _emit(self, step_id: int, out: StepOutputs) -> None:
         if out.rows:
             for route, batch in out.to_batches(step_id, self.instance.id).items():
-                await self._route(route).send(batch)
+                ch = self._route(route)  # checked when the request came
+                if ch is not None:
+                    await ch.send(batch)
 
     def _control(self, call: ControlCall) -> ControlReply:
         core = self.core

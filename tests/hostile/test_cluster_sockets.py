@@ -1,0 +1,90 @@
+"""Whatever reaches the sockets other hosts use, the deployment keeps serving.
+
+A deployment advertising 127.0.0.1 without cluster keys (so anyone can connect, as the
+launcher warns) gets, on each socket other hosts reach (the scheduler's input, the
+router's reports, the frontend's input): deep nesting, a huge frame,
+wrong types, random bytes, messages of another socket. After each attack every actor
+is alive, a normal request is served, and no KV block is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import msgspec
+import pytest
+import zmq
+
+from tests.cluster.hosts import free_port_block
+from tests.deploy import launch
+from xllm.sdk import AsyncClient
+
+enc = msgspec.msgpack.encode
+DEEP = 5000
+
+ATTACKS = {
+    "nested": [b"\x82" + enc("type") + enc("tokenized") + enc("req_id") + b"\x91" * DEEP + b"\x01"],
+    "random 32 MB frame": [os.urandom(32 * 2**20)],
+    "random bytes": [os.urandom(1000)],
+    "empty frame": [b""],
+    "many frames": [enc({"type": "load"})] + [b"x"] * 300,
+    "wrong types": [enc({"type": "load", "instance_id": 1, "incarnation": [], "num_waiting": "x"})],
+    "a load report of an unknown instance": [enc({
+        "type": "load", "instance_id": "ghost", "incarnation": "g", "num_waiting": 0, "num_running": 0,
+        "num_free_blocks": 1, "num_blocks": 1, "ttft_s": 0.0, "tpot_s": 0.0})],
+    "a request whose reply route is no address": [enc({
+        "type": "tokenized", "req_id": "x-1", "prompt_token_ids": [3, 4], "sampling": {}, "eos_token_ids": [],
+        "arrival_time": 0.0, "reply_to": "no such address"})],
+    "a request answered nowhere": [enc({
+        "type": "tokenized", "req_id": "x-2", "prompt_token_ids": [3, 4], "sampling": {"max_tokens": 2},
+        "eos_token_ids": [], "arrival_time": 0.0})],
+    "a control call answered on no address": [enc({"type": "control_call", "call_id": 1, "method": "stats",
+                                                   "reply_to": "tcp://"})],
+    "token batch of unknown requests": [enc({
+        "type": "tokens", "step_id": 1, "req_ids": ["nobody"], "new_token_ids": [[1]],
+        "finish_reasons": [None], "num_cached_tokens": [0], "queue_times": [0.0]})],
+    "unknown type": [enc({"type": "launch_missiles"})],
+}
+
+
+def sockets(base: int) -> dict[str, str]:
+    """The plan's tcp sockets of a one-host deployment at ``base`` (xllm.deploy.plan)."""
+    return {"router reports": f"tcp://127.0.0.1:{base}", "frontend input": f"tcp://127.0.0.1:{base + 1}",
+            "scheduler input": f"tcp://127.0.0.1:{base + 100}"}
+
+
+def push(address: str, frames: list[bytes]) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 5000)  # deliver before closing
+    sock.connect(address)
+    sock.send_multipart(frames)
+    sock.close()
+    ctx.term()
+
+
+async def still_serving(address: str) -> dict:
+    async with AsyncClient(address) as c:
+        out = await asyncio.wait_for(c.generate(prompt_token_ids=[3, 4, 5], max_tokens=4, ignore_eos=True), 60)
+        assert out.finish_reason == "length" and len(out.token_ids) == 4
+        return await c.call("check_integrity")
+
+
+@pytest.fixture(scope="module")
+def exposed(make_tiny, tmp_path_factory):
+    base = free_port_block()
+    tmp = tmp_path_factory.mktemp("exposed")
+    with launch(make_tiny("tiny-llama"), tmp, "--advertise-host", "127.0.0.1", "--base-port", str(base)) as dep:
+        yield dep, sockets(base)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["router reports", "frontend input", "scheduler input"])
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_attacks_on_the_cluster_sockets_leave_the_deployment_serving(exposed, target, attack):
+    dep, addresses = exposed
+    push(addresses[target], ATTACKS[attack])
+    integrity = asyncio.run(still_serving(dep.address))
+    assert integrity["used"] == 0
+    assert dep.proc.poll() is None, dep.output()[-3000:]
