@@ -167,17 +167,16 @@ async def test_an_etcd_with_authentication_admits_only_its_user(tmp_path, monkey
         finally:
             await store.close()
         monkeypatch.setenv("XLLM_ETCD_PASSWORD", "wrong")
-        stranger = open_store(etcd.url)
-        try:
-            with pytest.raises(StoreUnavailable):
-                await stranger.get(b"/t/k")
-        finally:
-            await stranger.close()
+        await _refused(etcd.url)
         monkeypatch.delenv("XLLM_ETCD_USER")
         monkeypatch.delenv("XLLM_ETCD_PASSWORD")
-        anonymous = open_store(etcd.url)
-        try:
-            with pytest.raises(StoreUnavailable):
-                await anonymous.get(b"/t/k")
-        finally:
-            await anonymous.close()
+        await _refused(etcd.url)
+
+
+async def _refused(url: str) -> None:
+    store = open_store(url)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.get(b"/t/k")
+    finally:
+        await store.close()
