@@ -93,12 +93,14 @@ def test_prefix_index_forgets_removed_blocks_and_gone_instances():
     hashes = block_hashes(list(range(16)), BS)
     index.stored("i0", hashes)
     index.stored("i1", hashes[:2])
-    assert index.match(hashes) == {"i0": 4, "i1": 2}
-    index.removed("i0", hashes[1:2])  # a hole: only the block before it still counts
-    assert index.match(hashes) == {"i0": 1, "i1": 2}
+    assert (index.deepest("i0", hashes), index.deepest("i1", hashes)) == (4, 2)
+    index.removed("i0", hashes[2:])  # its tail was evicted
+    assert index.deepest("i0", hashes) == 2 and index.holders[hashes[1]] == {"i0", "i1"}
     index.clear("i1")
-    assert index.match(hashes) == {"i0": 1}
-    assert index.match(block_hashes(list(range(50, 66)), BS)) == {}
+    assert index.deepest("i1", hashes) == 0 and index.holders[hashes[1]] == {"i0"}
+    assert index.deepest("i0", block_hashes(list(range(50, 66)), BS)) == 0
+    index.clear("i0")
+    assert len(index) == 0
 
 
 def test_least_loaded_survives_many_updates():

@@ -1,8 +1,8 @@
 """The global prefix index: which instances hold which KV blocks, from their KV events.
 
 Keys are the chained block hashes of ``xllm.block_hash``, so the blocks of a prompt are
-found by walking its hashes in order: an instance's match is the number of leading
-blocks it holds. Entries are hints: the scheduler that gets the request checks its own
+found by walking its hashes: an instance's match is the deepest of them it holds
+(``deepest``). Entries are hints: the scheduler that gets the request checks its own
 cache (and the blocks' tokens) again.
 """
 
@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 
 class PrefixIndex:
-    """block hash -> instances holding it. Verbs: stored, removed, clear, deepest, match."""
+    """block hash -> instances holding it. Verbs: stored, removed, clear, deepest."""
 
     def __init__(self) -> None:
         self.holders: dict[int, set[str]] = {}
@@ -46,23 +46,6 @@ class PrefixIndex:
                 if hashes[depth - 1] in mine:
                     return depth
         return 0
-
-    def match(self, hashes: Sequence[int]) -> dict[str, int]:
-        """Leading blocks of ``hashes`` each instance holds (only instances with at least one)."""
-        if not hashes:
-            return {}
-        first = self.holders.get(hashes[0])
-        if not first:
-            return {}
-        alive = set(first)
-        matched = dict.fromkeys(alive, 1)
-        for depth, h in enumerate(hashes[1:], start=2):
-            alive &= self.holders.get(h, set())
-            if not alive:
-                break
-            for inst in alive:
-                matched[inst] = depth
-        return matched
 
     def __len__(self) -> int:
         return len(self.holders)

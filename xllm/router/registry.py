@@ -9,8 +9,6 @@ burst does not all land on the instance that looked idlest half a second ago.
 from __future__ import annotations
 
 import bisect
-import heapq
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Collection
@@ -46,36 +44,6 @@ class InstanceState:
     def free_blocks(self) -> int:
         """Free KV blocks as last reported (all of them before any report)."""
         return self.load.num_free_blocks if self.load else self.num_blocks
-
-
-class _Ranking:
-    """The instance with the smallest ``key`` at any time, in O(log n) per change: a heap
-    with lazy deletion (an entry is stale once its instance was re-ranked or left)."""
-
-    def __init__(self, key: Callable[[InstanceState], float]) -> None:
-        self.key = key
-        self.heap: list[tuple[float, int, str]] = []
-        self.current: dict[str, int] = {}
-        self.seq = itertools.count()
-
-    def update(self, inst: InstanceState) -> None:
-        n = next(self.seq)
-        self.current[inst.id] = n
-        heapq.heappush(self.heap, (self.key(inst), n, inst.id))
-        if len(self.heap) > 4 * len(self.current) + 64:  # too many stale entries: rebuild
-            self.heap = [e for e in self.heap if self.current.get(e[2]) == e[1]]
-            heapq.heapify(self.heap)
-
-    def remove(self, instance_id: str) -> None:
-        self.current.pop(instance_id, None)
-
-    def first(self) -> str | None:
-        while self.heap:
-            _, n, iid = self.heap[0]
-            if self.current.get(iid) == n:
-                return iid
-            heapq.heappop(self.heap)
-        return None
 
 
 class _Ordered:
@@ -116,7 +84,7 @@ class Registry:
     def __init__(self) -> None:
         self.instances: dict[str, InstanceState] = {}
         self._by_load = _Ordered(lambda i: i.work)
-        self._by_free = _Ranking(lambda i: -(i.free_blocks - i.pending_blocks) / max(i.num_blocks, 1))
+        self._by_free = _Ordered(lambda i: -(i.free_blocks - i.pending_blocks) / max(i.num_blocks, 1))
 
     def __len__(self) -> int:
         return len(self.instances)
