@@ -1,6 +1,7 @@
 """A deployment of three launchers on loopback sharing a real etcd: one router host and
-two instance hosts. Instances register and take traffic; one whose process is killed
-leaves when its lease expires and takes traffic again once restarted; a restarted router
+two instance hosts. Instances register and take traffic; one whose scheduler is killed is
+restarted by its host and takes traffic again; a host killed whole leaves when its lease
+expires and takes traffic again once restarted; a restarted router
 rebuilds its registry from the store; so does a router whose etcd lost everything."""
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 import signal
 import time
 
+import msgspec
+import psutil
 import pytest
 
 from tests.cluster.hosts import launch_role, wait_instances
@@ -17,6 +20,7 @@ from tests.deploy import wait_gone
 from tests.etcd import running_etcd
 from xllm.bus.curve import make_keys
 from xllm.metastore import StoreUnavailable, keys, open_store
+from xllm.protocol import InstanceRecord
 from xllm.sdk import AsyncClient
 
 PROMPTS = [[3 + k, 4, 5, 6 + k] for k in range(6)]
@@ -60,10 +64,20 @@ def test_instances_on_other_launchers_register_leave_and_rejoin(make_tiny, tmp_p
                 asyncio.run(wait_instances(router.address, 2))
                 assert asyncio.run(serve_some(router.address)) == {"a-i0": 3, "b-i0": 3}
 
-                # host b's scheduler dies without a word: its lease expires, the router drops it
+                # host b's scheduler dies: b's launcher restarts the instance, which registers
+                # a new incarnation and takes traffic again
+                first = asyncio.run(_incarnation(url, "b-i0"))
                 os.kill(b.pids["scheduler"], signal.SIGKILL)
-                assert b.proc.wait(timeout=60) != 0  # one instance on a host: the host stops
-                assert wait_gone(list(b.pids.values())) == []
+                asyncio.run(_wait_incarnation(url, "b-i0", first))
+                assert b.proc.poll() is None
+                asyncio.run(wait_instances(router.address, 2))
+                assert asyncio.run(serve_some(router.address)) == {"a-i0": 3, "b-i0": 3}
+
+                # host b dies whole, without a word: its lease expires, the router drops it
+                actors = [p.pid for p in psutil.Process(b.proc.pid).children(recursive=True)]
+                b.proc.kill()
+                b.proc.wait(timeout=30)
+                assert wait_gone(actors) == []  # its actors die with it
                 asyncio.run(wait_instances(router.address, 1, timeout=30))
                 assert asyncio.run(serve_some(router.address)) == {"a-i0": 6}
 
@@ -87,6 +101,23 @@ def test_instances_on_other_launchers_register_leave_and_rejoin(make_tiny, tmp_p
                         asyncio.run(wait_registered(url, 3))  # two instances and the router
                         asyncio.run(wait_instances(router2.address, 2, timeout=60))
                         assert asyncio.run(serve_some(router2.address)) == {"a-i0": 3, "b-i0": 3}
+
+
+async def _incarnation(url: str, instance_id: str) -> str:
+    store = open_store(url)
+    try:
+        value = await store.get(keys.instance_key("default", instance_id))
+    finally:
+        await store.close()
+    return msgspec.json.decode(value, type=InstanceRecord).incarnation if value else ""
+
+
+async def _wait_incarnation(url: str, instance_id: str, old: str, timeout: float = 120.0) -> None:
+    """Poll etcd until ``instance_id`` is registered with an incarnation other than ``old``."""
+    deadline = time.monotonic() + timeout  # a bound, not a measurement
+    while (await _incarnation(url, instance_id)) in ("", old):
+        assert time.monotonic() < deadline, f"{instance_id} did not register again in {timeout} s"
+        await asyncio.sleep(0.2)
 
 
 async def _records(store) -> dict:

@@ -53,6 +53,7 @@ class ActorSpec:
     threads: int = 1  # torch/OpenMP threads of the process
     address: str = ""  # a frontend's SDK address; the http shim's frontend
     router: str = ""  # the router a frontend sends its requests to
+    direct: str = ""  # the instance a frontend sends requests and aborts to itself (one-instance deployments)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ class DeploymentPlan:
 
     def of_kind(self, kind: str) -> list[ActorSpec]:
         return [a for a in self.actors if a.kind == kind]
+
+    @property
+    def alone(self) -> bool:
+        """One instance, and no other can join (the store is this host's own)."""
+        return _alone(self.instances, self.metastore)
 
     @property
     def sdk_address(self) -> str:
@@ -155,6 +161,10 @@ class DeploymentPlan:
         return msgspec.json.decode(text, type=cls)
 
 
+def _alone(instances: tuple[InstanceSpec, ...], metastore: str) -> bool:
+    return len(instances) == 1 and metastore == "embedded"
+
+
 def _numbered(base: str, n: int, count: int) -> str:
     return base if count == 1 else f"{base}-{n}"
 
@@ -179,7 +189,9 @@ def host_plan(engine: EngineConfig, run_dir: str, sdk_address: str, *, role: str
     ``role`` "all" runs everything here: the embedded store (unless ``where`` names an
     etcd), ``num_routers`` routers, ``num_frontends`` frontends (frontend k sends to router
     k mod ``num_routers``), ``num_instances`` instances of ``tp_size`` ranks, and the HTTP
-    shim. "router" runs the service side only (routers, frontends, HTTP); "instance" runs
+    shim. With one instance and the embedded store no other instance can join, so the
+    frontends send requests and aborts straight to it (``ActorSpec.direct``): the router
+    keeps the registry and answers control calls, but a request costs no extra hop. "router" runs the service side only (routers, frontends, HTTP); "instance" runs
     instances only. With one instance its actors keep plain names ("scheduler",
     "worker-0"); with several they carry its id ("i1.scheduler", "i1.worker-0").
     """
@@ -199,8 +211,10 @@ def host_plan(engine: EngineConfig, run_dir: str, sdk_address: str, *, role: str
     if service:
         routers = [_numbered("router", n, num_routers) for n in range(num_routers)]
         actors += [ActorSpec("router", name) for name in routers]
+        alone = _alone(instances, where.get("metastore", "embedded"))
         actors += [ActorSpec("frontend", _numbered("frontend", n, num_frontends),
-                             address=frontend_address(sdk_address, n), router=routers[n % num_routers])
+                             address=frontend_address(sdk_address, n), router=routers[n % num_routers],
+                             direct=instances[0].id if alone else "")
                    for n in range(num_frontends)]
         if http:
             actors.append(ActorSpec("http", "http", address=sdk_address))

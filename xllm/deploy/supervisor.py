@@ -68,10 +68,11 @@ class Supervisor:
         self.plan = plan
         self.actors = [self._process(spec, plan_file) for spec in plan.actors]
         self.ready: dict[str, ActorReady] = {}
-        # NOTE: with several instances here, one that fails is restarted while the others
-        # serve; otherwise any dead actor stops the deployment (a host's supervisor, such as
-        # systemd, restarts the whole launcher)
-        self.restarts_instances = len(plan.instances) > 1
+        # NOTE: an instance that is one of several (here, or on other hosts through etcd)
+        # is restarted when it fails while the others serve; a deployment of one instance,
+        # and any dead service actor, stops (a host's supervisor, such as systemd, restarts
+        # the whole launcher)
+        self.restarts_instances = bool(plan.instances) and not plan.alone
         self.restarts: dict[str, deque[float]] = {}
 
     @staticmethod

@@ -1,7 +1,8 @@
 """The frontend actor: clients' door to the engine.
 
 It accepts SDK connections (ROUTER), validates and tokenizes requests (chat templates
-included) and hashes their prompt blocks, hands them to the router, and turns each
+included) and hashes their prompt blocks, hands them to the router (in a one-instance
+deployment straight to the instance, ``ActorSpec.direct``), and turns each
 ``TokenBatch`` (one per engine step, straight from the scheduler that ran it) into one
 ``RequestOutputs`` per client with the new text of each request. Stop strings end a
 request here: the frontend aborts it. Request ids are unique in the deployment (the
@@ -95,6 +96,9 @@ class FrontendActor(Actor):
         self.to_router = self.channel(zmq.DEALER, plan.router_in(self.spec.router), bind=False,
                                       union=FrontendInput)
         self.from_scheduler = self.channel(zmq.PULL, self.route, bind=True, union=FrontendInput)
+        # requests and aborts: to the router, or straight to the only instance
+        self.to_engine = (self.channel(zmq.PUSH, plan.scheduler_in(self.spec.direct), bind=False)
+                          if self.spec.direct else self.to_router)
         return {"address": self.spec.address}
 
     async def run(self) -> None:
@@ -171,7 +175,7 @@ class FrontendActor(Actor):
     async def _abort(self, rid: str) -> None:
         stream = self.streams[rid]
         if stream.submitted:
-            await self.to_router.send(AbortRequest(rid))
+            await self.to_engine.send(AbortRequest(rid))
         else:
             stream.aborted = True  # it is being tokenized: _submit drops it
 
@@ -203,7 +207,7 @@ class FrontendActor(Actor):
         eos = [] if sp.ignore_eos else self.tok.eos_token_ids
         stream.request = TokenizedRequest(rid, ids, resolved, eos, time.time(), req.priority, req.offline,
                                           self.route, hashes, self.cfg.cache.block_size)
-        await self.to_router.send(stream.request)
+        await self.to_engine.send(stream.request)
         stream.submitted = True
 
     def _tokens(self, req: GenerateRequest) -> tuple[list[int], list[int]]:
@@ -262,7 +266,7 @@ class FrontendActor(Actor):
         if stream.num_output_tokens == 0 and stream.request is not None and stream.resent < MAX_RESENDS:
             stream.resent += 1
             log.info("request %s re-sent: its instance %s was lost", rid, instance_id)
-            await self.to_router.send(stream.request)
+            await self.to_engine.send(stream.request)
             return
         delta = self._delta(stream, stream.detok.flush(), [], "error", None)
         delta.error = (f"the instance serving this request ({instance_id}) was lost after "
@@ -287,7 +291,7 @@ class FrontendActor(Actor):
             if hit_stop:
                 stream.stopped = True
                 reason = "stop"
-                await self.to_router.send(AbortRequest(rid))
+                await self.to_engine.send(AbortRequest(rid))
             elif reason is not None:
                 text += stream.detok.flush()
             stream.num_output_tokens += len(tokens)
