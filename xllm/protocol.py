@@ -243,7 +243,155 @@ class InstanceLost(msgspec.Struct, tag="instance_lost"):
 
 
 RouterInput = Union[TokenizedRequest, AbortRequest, ControlCall]
-SchedulerInput = Union[TokenizedRequest, AbortRequest, ControlCall]
+
+
+# --------------------------------------------------------------------------------------
+# Prefill/decode disaggregation (xllm.kv_transfer, README "Prefill/decode disaggregation")
+#
+# The router sends a request to a decode instance, naming a prefill instance. The decode
+# scheduler allocates the prompt's blocks, tells its KV agent to expect them, and asks
+# the prefill scheduler to prefill into them. The prefill agent pushes each step's
+# blocks layer by layer as the worker stores them, then the first token; the decode
+# agent writes them into its pool and acknowledges. Each scheduler gets its blocks back
+# only from its own agent's word (``KVReleased`` / ``KVReceived``), so no block is
+# reused while an agent may still read or write it.
+# --------------------------------------------------------------------------------------
+
+
+class DisaggregatedRequest(msgspec.Struct, tag="pd_request"):
+    """Router -> decode scheduler: serve ``request``; ``prefill_instance`` prefills it."""
+
+    request: TokenizedRequest
+    prefill_instance: str
+    prefill_address: str  # that instance's scheduler input
+
+
+class PrefillRequest(msgspec.Struct, tag="prefill"):
+    """Decode scheduler -> prefill scheduler: compute the prompt's KV and first token and
+    push them into ``block_ids`` of the decode instance."""
+
+    request: TokenizedRequest
+    decode_instance: str
+    decode_address: str  # the decode scheduler's input
+    decode_agent: str  # the decode KV agent's input: where the KV goes
+    block_ids: list[int]  # the decode side's blocks for the prompt, in order
+
+
+class PrefillLost(msgspec.Struct, tag="prefill_lost"):
+    """Router or prefill scheduler -> decode scheduler: these requests will get no KV from
+    that prefill instance (it is gone, or refused them)."""
+
+    instance_id: str
+    req_ids: list[str]
+    reason: str = ""
+
+
+class KVReleased(msgspec.Struct, tag="kv_released"):
+    """Prefill agent -> its scheduler: it is done with the request's blocks (the decode
+    side has the KV, or the transfer was cancelled or failed)."""
+
+    req_id: str
+    ok: bool
+    error: str = ""
+    num_bytes: int = 0  # KV sent for it
+    seconds: float = 0.0  # from its first send to the decode side's acknowledgement
+
+
+class KVReceived(msgspec.Struct, tag="kv_received"):
+    """Decode agent -> its scheduler: the request's KV is in its blocks (``ok``), or the
+    transfer was cancelled or failed; either way the agent no longer writes them."""
+
+    req_id: str
+    ok: bool
+    first_token: int = -1
+    first_logprobs: Any = None  # as ``TokenBatch.logprobs`` holds one token's
+    num_cached_tokens: int = 0  # prompt tokens the prefill side found in its cache
+    error: str = ""
+    num_bytes: int = 0  # KV received for it
+    seconds: float = 0.0  # from its expectation to its completion
+
+
+SchedulerInput = Union[TokenizedRequest, AbortRequest, ControlCall, DisaggregatedRequest, PrefillRequest,
+                       PrefillLost, KVReleased, KVReceived]
+
+
+class KVSend(msgspec.Struct, array_like=True):
+    """Blocks of one request a step writes, and where they go."""
+
+    req_id: str
+    src_blocks: list[int]  # the prefill side's
+    dst_blocks: list[int]  # the decode side's, one for one
+    dst_agent: str
+
+
+class KVSendPlan(msgspec.Struct, tag="kv_send_plan"):
+    """Prefill scheduler -> its agent: push these blocks of step ``step_id``, each layer as
+    soon as the worker has stored it."""
+
+    step_id: int
+    sends: list[KVSend]
+
+
+class KVSendDone(msgspec.Struct, tag="kv_send_done"):
+    """Prefill scheduler -> its agent: the request's prefill is complete; once its blocks
+    are sent, hand the decode side its first token."""
+
+    req_id: str
+    first_token: int
+    first_logprobs: Any = None
+    num_cached_tokens: int = 0
+
+
+class KVExpect(msgspec.Struct, tag="kv_expect"):
+    """Decode scheduler -> its agent: KV for ``req_id`` may be written into these blocks;
+    then the agent forwards ``prefill`` to the prefill scheduler at ``prefill_address``
+    (through the agent, so the expectation is in place before any KV can arrive)."""
+
+    req_id: str
+    block_ids: list[int]
+    prefill: PrefillRequest
+    prefill_address: str
+
+
+class KVCancel(msgspec.Struct, tag="kv_cancel"):
+    """A scheduler -> its agent: stop moving this request's KV; answer with its release."""
+
+    req_id: str
+
+
+class KVLayer(msgspec.Struct, tag="kv_layer"):
+    """Prefill agent -> decode agent: one layer of some blocks of a request, one rank's
+    share; ``k`` and ``v`` are ``(len(dst_blocks), block_bytes)`` uint8, as frames."""
+
+    req_id: str
+    rank: int
+    layer: int
+    dst_blocks: list[int]
+    k: np.ndarray
+    v: np.ndarray
+
+
+class KVComplete(msgspec.Struct, tag="kv_complete"):
+    """Prefill agent -> decode agent: every block is sent (``num_messages`` ``KVLayer``
+    messages in all); here is the first token. Answered by ``KVAck``."""
+
+    req_id: str
+    num_messages: int  # KVLayer messages sent for the request, all ranks
+    first_token: int
+    reply_to: str  # the prefill agent's input
+    first_logprobs: Any = None
+    num_cached_tokens: int = 0
+
+
+class KVAck(msgspec.Struct, tag="kv_ack"):
+    """Decode agent -> prefill agent: the request's KV is stored (or refused, why)."""
+
+    req_id: str
+    ok: bool
+    error: str = ""
+
+
+KVAgentInput = Union[KVSendPlan, KVSendDone, KVExpect, KVCancel, KVLayer, KVComplete, KVAck]
 
 
 class TokenBatch(msgspec.Struct, tag="tokens"):
@@ -441,4 +589,5 @@ ALL_UNIONS = {
     "worker": WorkerInput,
     "worker_output": WorkerOutput,
     "launcher": LauncherInput,
+    "kv_agent": KVAgentInput,
 }

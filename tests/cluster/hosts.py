@@ -13,8 +13,8 @@ from tests.deploy import Deployment, launch
 from xllm.sdk import AsyncClient
 
 
-def free_port_block(host: str = "127.0.0.1", span: int = 110) -> int:
-    """A base port whose offsets the plan uses (0, 1, 100, 101) are free on ``host`` now."""
+def free_port_block(host: str = "127.0.0.1", span: int = 210) -> int:
+    """A base port whose offsets the plan uses (0, 1, 100, 101, 200, 201) are free on ``host`` now."""
     for _ in range(100):
         with socket.socket() as s:
             s.bind((host, 0))
@@ -22,7 +22,7 @@ def free_port_block(host: str = "127.0.0.1", span: int = 110) -> int:
         if base + span > 65535:
             continue
         try:
-            for off in (0, 1, 100, 101):
+            for off in (0, 1, 100, 101, 200, 201):
                 with socket.socket() as s:
                     s.bind((host, base + off))
             return base

@@ -40,6 +40,8 @@ def strategy_for(cls):
             fields[name] = st.dictionaries(text, json_value, max_size=3)
         elif hint == dict[int, float]:
             fields[name] = st.dictionaries(small, st.floats(-100, 100), max_size=3)
+        elif isinstance(hint, type) and issubclass(hint, msgspec.Struct):  # a message inside a message
+            fields[name] = st.deferred(lambda h=hint: strategy_for(h))
         else:
             fields[name] = st.deferred(lambda h=hint: st.from_type(h))  # after all registrations
     return st.builds(cls, **fields)

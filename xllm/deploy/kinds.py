@@ -14,6 +14,7 @@ KINDS = {
     "router": "xllm.router.actor:RouterActor",
     "scheduler": "xllm.scheduler.actor:SchedulerActor",
     "worker": "xllm.worker.actor:WorkerActor",
+    "kv_agent": "xllm.kv_transfer.agent:KVAgentActor",
     "http": "xllm.http.actor:HttpActor",
 }
 

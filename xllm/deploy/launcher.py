@@ -22,7 +22,8 @@ from pathlib import Path
 from ..config import (POLICIES, ROUTER_POLICIES, CacheConfig, EngineConfig, HttpConfig, ModelConfig,
                       ParallelConfig, RouterConfig, SchedulerConfig, read_hf_config)
 from ..models.spec import DecoderSpec
-from .plan import HOST_ROLES, DeploymentPlan, host_plan
+from ..kv_transfer import pool as kv_pool
+from .plan import HOST_ROLES, ROLES, DeploymentPlan, host_plan
 
 log = logging.getLogger("xllm.deploy")
 
@@ -92,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tp", type=int, default=1, help="tensor-parallel worker processes per instance")
     d.add_argument("--instances", type=int, default=1,
                    help="model instances on this machine (with --role all or instance)")
+    d.add_argument("--instance-role", default="mixed", choices=ROLES,
+                   help="what this host's instances do: everything, or only prefill or decode for "
+                        "the others (prefill/decode disaggregation)")
+    d.add_argument("--pd", default="", metavar="P:D",
+                   help="run P prefill and D decode instances here (instead of --instances); the "
+                        "router splits every request over a pair")
+    d.add_argument("--pd-mixed-below", type=int, default=0,
+                   help="with PD and mixed instances: prompts of at most this many tokens go to a "
+                        "mixed instance")
+    d.add_argument("--kv-transfer-timeout", type=float, default=30.0,
+                   help="seconds a PD transfer may take; then it is cancelled and the decode "
+                        "instance computes the prompt itself")
     d.add_argument("--frontends", type=int, default=1,
                    help="frontend processes; frontend k listens on --address's port + k")
     d.add_argument("--routers", type=int, default=1, help="router processes (frontend k uses router k mod N)")
@@ -167,13 +180,14 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                                   max_num_batched_tokens=args.max_num_batched_tokens,
                                   policy=args.policy, async_scheduling=not args.no_async_scheduling,
                                   max_queued_requests=args.max_queued_requests,
-                                  worker_stall_timeout_s=args.worker_stall_timeout),
+                                  worker_stall_timeout_s=args.worker_stall_timeout,
+                                  kv_transfer_timeout_s=args.kv_transfer_timeout),
         parallel=ParallelConfig(micro_batch_overlap=args.micro_batch_overlap,
                                 shm_collectives=not args.no_shm_collectives),
         http=HttpConfig(host=args.http_host, port=args.http_port, max_body_bytes=args.max_body_bytes,
                         request_timeout_s=args.request_timeout,
                         max_concurrent_requests=args.http_max_concurrent),
-        router=RouterConfig(policy=args.router_policy),
+        router=RouterConfig(policy=args.router_policy, pd_mixed_below=args.pd_mixed_below),
     )
 
 
@@ -191,14 +205,29 @@ def build_plan(args: argparse.Namespace, engine: EngineConfig, run_dir: str) -> 
                     args.advertise_host)
     if args.role != "instance":
         check_exposure(args.address, args.allow_remote_clients or bool(key_dir))
-    local_instances = args.instances if args.role != "router" else 0
+    roles = instance_roles(args)
+    local_instances = len(roles) if args.role != "router" else 0
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // (args.tp * max(local_instances, 1)))
     prefix = args.instance_prefix or (f"{args.advertise_host}-i" if args.role == "instance" else "i")
-    return host_plan(engine, run_dir, args.address, role=args.role, num_instances=args.instances,
+    return host_plan(engine, run_dir, args.address, role=args.role, num_instances=len(roles),
+                     instance_roles=roles,
                      instance_prefix=prefix, tp_size=args.tp, threads_per_worker=threads,
                      num_frontends=args.frontends, num_routers=args.routers, http=bool(args.http_port),
                      deployment=args.deployment, metastore=args.metastore,
                      advertise_host=args.advertise_host, base_port=args.base_port, key_dir=key_dir)
+
+
+def instance_roles(args: argparse.Namespace) -> tuple[str, ...]:
+    """The role of each instance of this host, from --pd or --instances/--instance-role."""
+    if not args.pd:
+        return (args.instance_role,) * args.instances
+    try:
+        p, d = (int(x) for x in args.pd.split(":"))
+    except ValueError:
+        raise ValueError(f"--pd takes P:D, two counts (e.g. 1:1); got {args.pd!r}") from None
+    if p < 1 or d < 1:
+        raise ValueError("--pd needs at least one prefill and one decode instance")
+    return ("prefill",) * p + ("decode",) * d
 
 
 def _is_loopback(host: str) -> bool:
@@ -299,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_on_signal)
     sweep_stale_run_dirs()
+    kv_pool.sweep()  # shared KV pools of launchers that died
     # NOTE: the launcher's pid is in the name, so a later launcher can tell a stale one
     run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-")
     try:
@@ -314,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         return uvloop.run(serve(plan, plan_file, args))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+        kv_pool.sweep(os.getpid())
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import msgspec
 
 from ..config import EngineConfig
 
-ROLES = ("mixed",)  # prefill and decode come with disaggregation
+ROLES = ("mixed", "prefill", "decode")  # what an instance does (disaggregation: prefill, decode)
 HOST_ROLES = ("all", "router", "instance")  # what one xllm-launch runs (--role)
 
 
@@ -46,7 +46,7 @@ class InstanceSpec:
 class ActorSpec:
     """One actor process: its kind (a row of ``kinds.KINDS``) and where it belongs."""
 
-    kind: str  # "store", "router", "frontend", "scheduler", "worker", "http"
+    kind: str  # "store", "router", "frontend", "scheduler", "worker", "kv_agent", "http"
     name: str  # unique in the deployment; how the launcher reports it
     instance: str = ""  # the instance it serves ("" for service-level actors)
     rank: int = 0  # a worker's rank in its instance
@@ -136,6 +136,17 @@ class DeploymentPlan:
         index = [i.id for i in self.instances].index(instance)
         return self._reachable(f"{instance}-scheduler-in", 100 + index)
 
+    def kv_agent_in(self, instance: str) -> str:
+        """An instance's KV agent input: its scheduler's orders and other agents' KV."""
+        index = [i.id for i in self.instances].index(instance)
+        return self._reachable(f"{instance}-kv-agent-in", 200 + index)
+
+    def kv_pool(self, instance: str, rank: int) -> str:
+        """The shared-memory file of one rank's KV pool (``xllm.kv_transfer.pool``)."""
+        from ..kv_transfer.pool import pool_path
+
+        return str(pool_path(self.run_dir, instance, rank))
+
     def plan(self, instance: str, rank: int) -> str:
         """Step plans from an instance's scheduler to one of its ranks."""
         return self._ipc(f"{instance}-plan-{rank}")
@@ -183,7 +194,7 @@ def frontend_address(address: str, n: int) -> str:
 def host_plan(engine: EngineConfig, run_dir: str, sdk_address: str, *, role: str = "all",
               num_instances: int = 1, instance_prefix: str = "i", tp_size: int = 1,
               threads_per_worker: int = 1, num_frontends: int = 1, num_routers: int = 1,
-              http: bool = False, **where) -> DeploymentPlan:
+              http: bool = False, instance_roles: tuple[str, ...] = (), **where) -> DeploymentPlan:
     """The plan of one ``xllm-launch``.
 
     ``role`` "all" runs everything here: the embedded store (unless ``where`` names an
@@ -198,7 +209,10 @@ def host_plan(engine: EngineConfig, run_dir: str, sdk_address: str, *, role: str
     if role not in HOST_ROLES:
         raise ValueError(f"role must be one of {', '.join(HOST_ROLES)}; got {role!r}")
     service, serving = role in ("all", "router"), role in ("all", "instance")
-    instances = tuple(InstanceSpec(f"{instance_prefix}{n}", tp_size=tp_size)
+    roles = tuple(instance_roles) or ("mixed",) * num_instances
+    if len(roles) != num_instances:
+        raise ValueError(f"{len(roles)} instance roles for {num_instances} instances")
+    instances = tuple(InstanceSpec(f"{instance_prefix}{n}", role=roles[n], tp_size=tp_size)
                       for n in range(num_instances)) if serving else ()
     actors: list[ActorSpec] = []
     if where.get("metastore", "embedded") == "embedded":
@@ -208,6 +222,8 @@ def host_plan(engine: EngineConfig, run_dir: str, sdk_address: str, *, role: str
         actors += [ActorSpec("worker", f"{prefix}worker-{r}", inst.id, r, threads_per_worker)
                    for r in range(inst.tp_size)]
         actors.append(ActorSpec("scheduler", f"{prefix}scheduler", inst.id))
+        if inst.role != "mixed":
+            actors.append(ActorSpec("kv_agent", f"{prefix}kv-agent", inst.id))
     if service:
         routers = [_numbered("router", n, num_routers) for n in range(num_routers)]
         actors += [ActorSpec("router", name) for name in routers]

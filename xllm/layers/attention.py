@@ -8,6 +8,7 @@ a chunk of one) each get a causal pass over their cached context plus the new to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -40,6 +41,9 @@ class AttentionMetadata:
     max_decode_len: int = 0
     all_decode: bool = False  # every row is a decode: rows == decode_rows
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # called with a layer's index once its K/V for this step are stored (the KV agent
+    # sends it on while the later layers compute); None: nobody is waiting
+    on_layer_stored: Callable[[int], None] | None = None
 
 
 class Attention(nn.Module):
@@ -53,15 +57,21 @@ class Attention(nn.Module):
         self.scale = scale
         self.k_cache: torch.Tensor | None = None  # (num_blocks, kvh, d, block_size)
         self.v_cache: torch.Tensor | None = None  # (num_blocks, kvh, block_size, d)
+        self.layer_index = 0  # set with the caches
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: (T, h, d); k, v: (T, kvh, d) -> (T, h, d)."""
         kc, vc = self.k_cache, self.v_cache
         if meta.all_decode:
-            return decode_attention(q, k, v, kc, vc, meta.slot_mapping, meta.decode_block_tables,
-                                    meta.decode_seq_lens, self.scale)
+            out = decode_attention(q, k, v, kc, vc, meta.slot_mapping, meta.decode_block_tables,
+                                   meta.decode_seq_lens, self.scale)
+            if meta.on_layer_stored is not None:
+                meta.on_layer_stored(self.layer_index)
+            return out
         write_kv(kc, vc, k, v, meta.slot_mapping)
+        if meta.on_layer_stored is not None:
+            meta.on_layer_stored(self.layer_index)
         out = torch.empty_like(q)
         if meta.decode_rows is not None:
             out[meta.decode_rows] = paged_decode_attention(

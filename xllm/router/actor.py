@@ -31,17 +31,18 @@ import zmq.asyncio
 from ..bus.actor import Actor
 from ..bus.channel import Channel
 from ..bus.codec import DecodeError
-from ..deploy.plan import ActorSpec, DeploymentPlan
+from ..deploy.plan import ROLES, ActorSpec, DeploymentPlan
 from ..metastore import keys, open_store
 from ..metastore.registration import PrefixFollower, Registration
 from ..protocol import (
-    AbortRequest, ControlCall, ControlReply, ErrorReply, InstanceLoad, InstanceLost, InstanceRecord,
-    InstanceReport, KVEventBatch, RequestRejected, RouterInput, RouterRecord, TokenizedRequest,
+    AbortRequest, ControlCall, ControlReply, DisaggregatedRequest, ErrorReply, InstanceLoad, InstanceLost,
+    InstanceRecord, InstanceReport, KVEventBatch, PrefillLost, RequestRejected, RouterInput, RouterRecord,
+    TokenizedRequest,
 )
 from .merge import FANNED_OUT, merge
 from .policies import make_policy
 from .prefix_index import PrefixIndex
-from .registry import InstanceState, Registry
+from .registry import InstanceState, Registries
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,19 @@ class RouterActor(Actor):
         super().__init__(spec.name, plan.launcher, plan.run_dir, plan.key_dir)
         self.plan = plan
         self.cfg = plan.engine
-        self.registry = Registry()
+        self.registry = Registries()
         self.index = PrefixIndex()
-        self.policy = make_policy(self.cfg.router.policy, self.index)
+        # one policy per role, so round robin takes turns within each
+        self.policies = {role: make_policy(self.cfg.router.policy, self.index) for role in ROLES}
         self.placed: dict[str, tuple[str, bytes]] = {}  # request -> (instance, frontend)
+        self.prefill_of: dict[str, str] = {}  # disaggregated request -> its prefill instance
         self.channels_to: dict[str, Channel] = {}  # instance -> its scheduler's input
         self.gathers: dict[int, Gather] = {}
         self.asked: dict[int, tuple[int, str]] = {}  # call id sent to an instance -> (gather, instance)
         self._ids = itertools.count(1)
         self.records: dict[str, InstanceRecord] = {}  # what the store says, lost or not
-        self.stats = {"routed": 0, "rejected": 0, "instances_lost": 0, "requests_lost": 0}
+        self.stats = {"routed": 0, "routed_disaggregated": 0, "rejected": 0, "instances_lost": 0,
+                      "requests_lost": 0}
 
     async def setup(self) -> dict:
         plan = self.plan
@@ -94,7 +98,7 @@ class RouterActor(Actor):
         await follower.synced.wait()
         while len(self.registry) < len(plan.instances):
             await asyncio.sleep(0.05)
-        return {"policy": self.policy.name, "instances": len(self.registry)}
+        return {"policy": self.cfg.router.policy, "instances": len(self.registry)}
 
     async def teardown(self) -> None:
         await self.registration.withdraw()
@@ -138,6 +142,7 @@ class RouterActor(Actor):
                     await ch.send(AbortRequest(rid))
             ch.close()
             self.channels.remove(ch)
+        await self._prefills_lost(instance_id, [rid for rids in held.values() for rid in rids])
         self.stats["instances_lost"] += 1
         self.stats["requests_lost"] += sum(map(len, held.values()))
         log.warning("instance %s lost (%s) with %d requests", instance_id, why, sum(map(len, held.values())))
@@ -146,6 +151,23 @@ class RouterActor(Actor):
         for gid, gather in list(self.gathers.items()):  # it will not answer
             gather.replies.pop(instance_id, None)
             await self._finish_if_complete(gid)
+
+    async def _prefills_lost(self, instance_id: str, decoded_there: list[str]) -> None:
+        """PD bookkeeping when ``instance_id`` is lost: the prefills of requests it decoded
+        are aborted; requests it prefilled for others are computed by their decode side."""
+        for rid in decoded_there:
+            pre = self.prefill_of.pop(rid, None)
+            if pre is not None:
+                await self._to_instance(pre, AbortRequest(rid))
+        by_decode: dict[str, list[str]] = {}
+        for rid, pre in list(self.prefill_of.items()):
+            if pre == instance_id:
+                del self.prefill_of[rid]
+                where = self.placed.get(rid)
+                if where is not None:
+                    by_decode.setdefault(where[0], []).append(rid)
+        for dec, rids in by_decode.items():
+            await self._to_instance(dec, PrefillLost(instance_id, rids, f"instance {instance_id} was lost"))
 
     async def run(self) -> None:
         poller = zmq.asyncio.Poller()
@@ -172,6 +194,7 @@ class RouterActor(Actor):
                 await self._place(frontend, msg)
             case AbortRequest():
                 where = self.placed.pop(msg.req_id, None)
+                self.prefill_of.pop(msg.req_id, None)  # its decode side tells the prefill side
                 if where is not None:
                     await self._to_instance(where[0], msg)
             case ControlCall():
@@ -181,7 +204,15 @@ class RouterActor(Actor):
                 await self.frontends.send_to(frontend, ErrorReply("bad_request", f"malformed message: {msg}"))
 
     async def _place(self, frontend: bytes, req: TokenizedRequest) -> None:
-        inst = self.policy.choose(req, self.registry)
+        pools = self.registry
+        mixed, prefill, decode = pools.pool("mixed"), pools.pool("prefill"), pools.pool("decode")
+        short = len(mixed) and len(req.prompt_token_ids) <= self.cfg.router.pd_mixed_below
+        if len(prefill) and len(decode) and not short:
+            await self._place_pair(frontend, req)
+            return
+        # no pair to split it over: a mixed instance, else one that can compute it alone
+        role = "mixed" if len(mixed) else "decode" if len(decode) else "prefill"
+        inst = self.policies[role].choose(req, pools.pool(role))
         if inst is None:
             self.stats["rejected"] += 1
             await self.frontends.send_to(frontend, RequestRejected(
@@ -192,6 +223,20 @@ class RouterActor(Actor):
         self.placed[req.req_id] = (inst.id, frontend)
         self.stats["routed"] += 1
         await self._to_instance(inst.id, req)
+
+    async def _place_pair(self, frontend: bytes, req: TokenizedRequest) -> None:
+        """A prefill instance (by the policy: the prefix-aware one scores cache hits there)
+        and a decode instance (by the policy over the decode pool) for ``req``."""
+        pre = self.policies["prefill"].choose(req, self.registry.pool("prefill"))
+        dec = self.policies["decode"].choose(req, self.registry.pool("decode"))
+        hashes = req.block_hashes
+        self.registry.routed(pre, len(hashes) - self.index.deepest(pre.id, hashes))
+        self.registry.routed(dec, 0)
+        self.placed[req.req_id] = (dec.id, frontend)
+        self.prefill_of[req.req_id] = pre.id
+        self.stats["routed"] += 1
+        self.stats["routed_disaggregated"] += 1
+        await self._to_instance(dec.id, DisaggregatedRequest(req, pre.id, pre.address))
 
     async def _to_instance(self, instance_id: str, msg) -> None:
         ch = self.channels_to.get(instance_id)
@@ -251,7 +296,9 @@ class RouterActor(Actor):
                     inst.incarnation = msg.incarnation
                     self.index.clear(inst.id)
                 for rid in msg.finished_req_ids:
-                    self.placed.pop(rid, None)
+                    if self.placed.get(rid, ("",))[0] == msg.instance_id:  # not its prefill side
+                        del self.placed[rid]
+                        self.prefill_of.pop(rid, None)
             case KVEventBatch():
                 inst = self.registry.get(msg.instance_id)
                 if inst is None or (inst.incarnation and inst.incarnation != msg.incarnation):

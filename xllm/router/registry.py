@@ -139,3 +139,50 @@ class Registry:
     def _rerank(self, inst: InstanceState) -> None:
         self._by_load.update(inst)
         self._by_free.update(inst)
+
+
+class Registries:
+    """The instances by role (``mixed``, ``prefill``, ``decode``), one ``Registry`` each,
+    behind the same verbs; ``pool(role)`` is what a policy chooses from."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, Registry] = {}
+        self.role_of: dict[str, str] = {}
+
+    def pool(self, role: str) -> Registry:
+        pool = self.pools.get(role)
+        if pool is None:
+            pool = self.pools[role] = Registry()
+        return pool
+
+    def __len__(self) -> int:
+        return len(self.role_of)
+
+    @property
+    def instances(self) -> dict[str, InstanceState]:
+        return {iid: inst for pool in self.pools.values() for iid, inst in pool.instances.items()}
+
+    def get(self, instance_id: str) -> InstanceState | None:
+        role = self.role_of.get(instance_id)
+        return self.pools[role].get(instance_id) if role is not None else None
+
+    def add(self, inst: InstanceState) -> None:
+        old = self.role_of.get(inst.id)
+        if old is not None and old != inst.role:  # it came back in another role
+            self.pools[old].remove(inst.id)
+        self.role_of[inst.id] = inst.role
+        self.pool(inst.role).add(inst)
+
+    def remove(self, instance_id: str) -> InstanceState | None:
+        role = self.role_of.pop(instance_id, None)
+        return self.pools[role].remove(instance_id) if role is not None else None
+
+    def report(self, load: InstanceLoad) -> InstanceState | None:
+        role = self.role_of.get(load.instance_id)
+        return self.pools[role].report(load) if role is not None else None
+
+    def routed(self, inst: InstanceState, blocks: int = 0) -> None:
+        self.pools[inst.role].routed(inst, blocks)
+
+    def silent(self, limit_s: float) -> list[InstanceState]:
+        return [i for pool in self.pools.values() for i in pool.silent(limit_s)]

@@ -5,7 +5,9 @@ has already sent step N+1 (with placeholders for the tokens step N samples), so 
 CPU work of planning hides behind the model's compute. Without it, one step at a time.
 
 Requests come from the router; each step's outputs go straight to the frontend each
-request names (``TokenizedRequest.reply_to``), one ``TokenBatch`` per frontend. The
+request names (``TokenizedRequest.reply_to``), one ``TokenBatch`` per frontend. A prefill
+or decode instance also talks to its KV agent and to the schedulers of the instances it
+pairs with (``disagg``: what the core decides, this actor sends). The
 router hears the instance's load about twice a second and its prefix-cache changes
 as they happen (``InstanceLoad``, ``KVEventBatch``), and asks it control calls.
 """
@@ -27,8 +29,9 @@ from ..deploy.plan import ActorSpec, DeploymentPlan
 from ..metastore import keys, open_store
 from ..metastore.registration import PrefixFollower, Registration
 from ..protocol import (
-    AbortRequest, BlockStored, ControlCall, ControlReply, InstanceLoad, InstanceRecord, KVEventBatch,
-    RequestRejected, RouterRecord, SchedulerInput, StepResult, TokenizedRequest, WorkerError, WorkerOutput,
+    AbortRequest, BlockStored, ControlCall, ControlReply, DisaggregatedRequest, InstanceLoad, InstanceRecord,
+    KVEventBatch, KVReceived, KVReleased, KVSendPlan, PrefillLost, PrefillRequest, RequestRejected, RouterRecord,
+    SchedulerInput, StepResult, TokenizedRequest, WorkerError, WorkerOutput,
 )
 from .health import PING_INTERVAL_S, WorkerWatch
 from .scheduler import Scheduler, StepOutputs
@@ -66,6 +69,11 @@ class SchedulerActor(Actor):
         self.poller = zmq.asyncio.Poller()
         self.poller.register(self.inputs.sock, zmq.POLLIN)
         self.poller.register(self.results.sock, zmq.POLLIN)
+        self.to_agent = None
+        if self.instance.role != "mixed":
+            self.to_agent = self.channel(zmq.PUSH, plan.kv_agent_in(inst), bind=False)
+            self.core.agent_address = plan.kv_agent_in(inst)
+            self.core.instance_id, self.core.address = inst, plan.scheduler_in(inst)
         self._register()
         return {"num_blocks": self.cfg.cache.num_blocks, "incarnation": self.incarnation}
 
@@ -99,9 +107,13 @@ class SchedulerActor(Actor):
                 await self._on_result(await self._recv(self.results))
             while self.inputs.poll_now():
                 await self._on_input(await self._recv(self.inputs))
+            if self.core.receiving or self.core.sending:
+                self.core.expire_transfers(time.monotonic())
+            await self._flush_kv()
             await self._report()
             if self.in_flight < self.depth and self.core.has_work():
                 plan = self.core.schedule()
+                await self._flush_kv(plan.step_id if plan is not None else None)
                 if plan is not None:
                     for ch in self.plans:
                         await ch.send(plan)
@@ -113,6 +125,23 @@ class SchedulerActor(Actor):
                     await ch.send(ControlCall(0, "ping"))
             wait = LOAD_REPORT_S if self.in_flight else min(LOAD_REPORT_S, PING_INTERVAL_S)
             await self.poller.poll(int(wait * 1000))
+
+    async def _flush_kv(self, step_id: int | None = None) -> None:
+        """Send what the core decided about transfers: the step's blocks to push, orders
+        to the agent, aborts to prefill instances, failures to decode instances."""
+        out = self.core.take_outbox()
+        if out.sends and step_id is not None:
+            await self.to_agent.send(KVSendPlan(step_id, out.sends))
+        for msg in out.to_agent:
+            await self.to_agent.send(msg)
+        for address, rid in out.aborts:
+            ch = self._route(address)
+            if ch is not None:
+                await ch.send(AbortRequest(rid))
+        for address, rid, why in out.lost:
+            ch = self._route(address)
+            if ch is not None:
+                await ch.send(PrefillLost(self.instance.id, [rid], why))
 
     async def _recv(self, ch):
         try:
@@ -136,7 +165,7 @@ class SchedulerActor(Actor):
             core, blocks = self.core, self.core.blocks
             finished, core.finished_since_report = core.finished_since_report, []
             await self._to_routers(InstanceLoad(
-                self.instance.id, self.incarnation, len(core.waiting), len(core.running),
+                self.instance.id, self.incarnation, len(core.waiting), len(core.running) + len(core.receiving),
                 blocks.num_free_blocks, blocks.num_blocks, core.stats.ttft_s, core.stats.tpot_s, finished,
                 sum(-(-r.num_tokens // blocks.block_size) for r in core.waiting)))
 
@@ -174,15 +203,56 @@ class SchedulerActor(Actor):
                     await self._route(msg.reply_to).send(RequestRejected(msg.req_id, str(exc)))
                 except OverflowError as exc:
                     await self._route(msg.reply_to).send(RequestRejected(msg.req_id, str(exc), "overloaded"))
+            case DisaggregatedRequest():
+                await self._on_disaggregated(msg)
+            case PrefillRequest():
+                await self._on_prefill(msg)
+            case PrefillLost():
+                self.core.prefill_lost(msg.req_ids, msg.reason)
+            case KVReleased():
+                self.core.kv_released(msg)
+            case KVReceived():
+                await self._emit(-1, self.core.deliver(msg))
             case AbortRequest():
                 req = self.core.abort(msg.req_id)
-                if req is not None:
+                if req is not None and req.remote_decode is None:  # a prefill for others streams nothing
                     out = StepOutputs()
                     out.add(req, [], "abort")
                     await self._emit(-1, out)
             case ControlCall():
                 if msg.reply_to:
                     await self._route(msg.reply_to).send(self._control(msg))
+
+    async def _on_disaggregated(self, msg: DisaggregatedRequest) -> None:
+        req = msg.request
+        ch = self._route(req.reply_to) if req.reply_to else None
+        if ch is None:
+            log.error("dropped request %s: no route for its outputs", req.req_id)
+            return
+        if self.to_agent is None or self.instance.role != "decode":
+            await ch.send(RequestRejected(req.req_id, f"instance {self.instance.id} does not decode for others"))
+            return
+        try:
+            self.core.add_disaggregated(msg)
+        except ValueError as exc:
+            await ch.send(RequestRejected(req.req_id, str(exc)))
+        except OverflowError as exc:
+            await ch.send(RequestRejected(req.req_id, str(exc), "overloaded"))
+
+    async def _on_prefill(self, msg: PrefillRequest) -> None:
+        """A decode instance asks for a prefill; a refusal goes back to it at once."""
+        back = self._route(msg.decode_address)
+        if back is None:
+            return
+        if self.instance.role != "prefill":
+            why = f"instance {self.instance.id} does not prefill for others"
+        else:
+            try:
+                self.core.add_prefill(msg)
+                return
+            except (ValueError, OverflowError) as exc:
+                why = str(exc)
+        await back.send(PrefillLost(self.instance.id, [msg.request.req_id], why))
 
     def _route(self, address: str) -> Channel | None:
         """The PUSH socket to one frontend, opened the first time a request names it; None

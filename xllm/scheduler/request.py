@@ -27,7 +27,7 @@ class Request:
         "stop_token_ids", "arrival_time", "priority", "offline", "num_computed_tokens",
         "num_placeholders", "block_ids", "block_hashes", "status", "on_worker",
         "num_blocks_sent", "num_cached_blocks", "num_cached_tokens", "finish_reason", "num_preemptions",
-        "queue_time", "reply_to", "last_token_time",
+        "queue_time", "reply_to", "last_token_time", "remote_prefill", "remote_decode",
     )
 
     def __init__(self, msg: TokenizedRequest) -> None:
@@ -54,6 +54,8 @@ class Request:
         self.queue_time: float | None = None  # seconds from arrival to the first step that ran it
         self.reply_to = msg.reply_to  # the route of its outputs
         self.last_token_time: float | None = None  # when its last output token came back
+        self.remote_prefill = None  # disagg.RemotePrefill: its prompt's KV comes from another instance
+        self.remote_decode = None  # disagg.RemoteDecode: its KV goes to another instance
 
     # -- token counts ---------------------------------------------------------------------
     @property

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..config import CacheConfig, SchedulerConfig
 from ..protocol import NewRequestData, StepPlan, StepResult, TokenBatch, TokenizedRequest
 from .block_manager import BlockManager
+from .disagg import Disaggregation
 from .policy import Policy
 from .request import Request, Status
 
@@ -90,8 +91,9 @@ class SchedulerStats:
         req.last_token_time = now
 
 
-class Scheduler:
-    """Continuous batching over a paged KV cache. Verbs: add, abort, schedule, update."""
+class Scheduler(Disaggregation):
+    """Continuous batching over a paged KV cache. Verbs: add, abort, schedule, update;
+    and the hooks of prefill/decode disaggregation (``disagg``)."""
 
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, max_model_len: int) -> None:
         self.cfg = sched
@@ -105,6 +107,7 @@ class Scheduler:
         self.finished_since_report: list[str] = []  # ended requests, for the router's load view
         self._step_id = 0
         self.stats = SchedulerStats()
+        self._init_disaggregation(sched.kv_transfer_timeout_s)
 
     # -- requests in ------------------------------------------------------------------------
     def add_request(self, msg: TokenizedRequest) -> None:
@@ -135,10 +138,11 @@ class Scheduler:
     def abort(self, req_id: str) -> Request | None:
         """End a request now and free its blocks; returns it, or None if unknown."""
         req = self.requests.get(req_id)
-        if req is None:
+        if req is None or (req.status is Status.FINISHED and req_id not in self.sending):
             return None
-        self._finish(req, "abort")
         self.stats.num_aborted += 1
+        if not self.abort_transfer(req):
+            self._finish(req, "abort")
         return req
 
     # -- planning ---------------------------------------------------------------------------
@@ -204,12 +208,18 @@ class Scheduler:
         bs = self.blocks.block_size
         admitted: list[Request] = []
         for req in self.waiting:
-            if budget <= 0 or len(self.running) + len(admitted) >= self.cfg.max_num_seqs:
+            if budget <= 0 or len(self.running) + len(self.receiving) + len(admitted) >= self.cfg.max_num_seqs:
                 break
             if req.num_placeholders:
                 continue  # a token for it is still in flight; wait for it
             if req.offline and self._online_waiting(admitted):
                 break  # offline work only takes capacity online work leaves
+            external = self.external_tokens(req)
+            if external:  # its prompt's KV comes from elsewhere: blocks now, no compute
+                if not self.blocks.allocate(req, external):
+                    break
+                admitted.append(req)
+                continue
             hits = self.blocks.match_prefix(req, req.num_known_tokens - 1)
             num_computed = len(hits) * bs
             n = min(req.num_tokens - num_computed, budget)
@@ -228,7 +238,11 @@ class Scheduler:
         if admitted:
             gone = {id(r) for r in admitted}
             self.waiting = [r for r in self.waiting if id(r) not in gone]
-            self.running.extend(admitted)
+            for req in admitted:
+                if req.status is Status.RUNNING:
+                    self.running.append(req)
+                else:
+                    self.after_allocate(req)
         return budget
 
     def _online_waiting(self, admitted: list[Request]) -> bool:
@@ -255,6 +269,8 @@ class Scheduler:
             n_sched.append(n)
             n_comp.append(req.num_computed_tokens)
             req.num_computed_tokens += n
+            if req.remote_decode is not None:
+                self.on_step(req)
             if req.num_computed_tokens == req.num_tokens:
                 req.num_placeholders += 1  # this step samples its next token
             self.blocks.cache_blocks(req, min(req.num_computed_tokens, req.num_known_tokens))
@@ -278,11 +294,31 @@ class Scheduler:
                 continue  # finished or aborted since the step was planned
             req.num_placeholders -= 1
             reason = req.append_token(token, self.max_model_len)
+            lps = _logprobs(result, rows.get(req_id), req.sampling.logprobs, token)
+            if req.remote_decode is not None:  # a prefill for another instance: it streams there
+                if reason is not None and not self.on_finish(req, token, lps):
+                    continue
             self.stats.total_output_tokens += 1
             self.stats.observe_token(req, now)
             if reason is not None:
                 self._finish(req, reason)
-            out.add(req, [token], reason, _logprobs(result, rows.get(req_id), req.sampling.logprobs, token))
+            out.add(req, [token], reason, lps)
+        return out
+
+    def deliver(self, msg) -> StepOutputs:
+        """Decode side: a transfer ended (``KVReceived``); the first token, if it came."""
+        out = StepOutputs()
+        req = self.kv_received(msg)
+        if req is not None:
+            token = msg.first_token
+            reason = req.append_token(token, self.max_model_len)
+            self.stats.total_output_tokens += 1
+            self.stats.observe_token(req, time.time())
+            if req.queue_time is None:
+                req.queue_time = max(0.0, time.time() - req.arrival_time)
+            if reason is not None:
+                self._finish(req, reason)
+            out.add(req, [token], reason, msg.first_logprobs)
         return out
 
     # -- internals --------------------------------------------------------------------------
@@ -292,6 +328,9 @@ class Scheduler:
         self.waiting.insert(bisect.bisect(self.waiting, rank(req), key=rank), req)
 
     def _preempt(self, req: Request) -> None:
+        if req.remote_decode is not None and self.cancel_prefill(req, notify_decode=True):
+            self.stats.num_preemptions += 1  # its agent may read its blocks: it ends instead
+            return
         self.blocks.free(req)
         req.num_computed_tokens = 0
         req.num_cached_blocks = 0
@@ -334,6 +373,7 @@ class Scheduler:
             "prefix_cache_hits": b.num_hits,
             "prefix_cache_hit_rate": b.num_hits / b.num_queries if b.num_queries else 0.0,
             **self.stats.__dict__,
+            **self.transfer_snapshot(),
         }
 
 

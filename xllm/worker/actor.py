@@ -54,7 +54,10 @@ class WorkerActor(Actor):
         # NOTE: built and compiled on this (the main) thread, the one that runs the steps:
         # thread counts and packed-weight choices are per thread, and a compiled graph keeps
         # the thread count it was compiled with.
-        self.runner = ModelRunner(self.cfg.model, self.cfg.cache, hf, tp, par.micro_batch_overlap, buckets)
+        # an instance that hands KV to others keeps its pool where its KV agent can reach it
+        shared = self.plan.kv_pool(inst, self.rank) if self.instance.role != "mixed" else ""
+        self.runner = ModelRunner(self.cfg.model, self.cfg.cache, hf, tp, par.micro_batch_overlap, buckets,
+                                  shared_kv=shared)
         if self.runner.graphs is not None:
             self.runner.graphs.warm_up(progress=self.rank == 0)
         return {"rank": self.rank, "threads": threads}

@@ -1,8 +1,14 @@
-"""The worker's KV memory: one K and one V pool of blocks per attention layer."""
+"""The worker's KV memory: one K and one V pool of blocks per attention layer, in
+process memory, or in a shared-memory file the instance's KV agent maps too
+(``xllm.kv_transfer.pool``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from ..kv_transfer.pool import SharedKVPool
 
 from xllm_ops.paged_attention import kv_cache_shapes
 
@@ -15,12 +21,24 @@ def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim
 
 
 def allocate_kv_cache(attention_layers: list, num_blocks: int, block_size: int,
-                      dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Give every attention layer its K and V pools (layouts in ``xllm_ops.paged_attention``)."""
-    caches = []
-    for layer in attention_layers:
+                      dtype: torch.dtype, shared: str = "") -> SharedKVPool | None:
+    """Give every attention layer its K and V pools (layouts in ``xllm_ops.paged_attention``),
+    and its index; in the shared file ``shared`` when given (returned)."""
+    pool = None
+    if shared:
+        first = attention_layers[0]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        block_bytes = first.num_kv_heads * first.head_dim * block_size * itemsize
+        if any(l.num_kv_heads * l.head_dim != first.num_kv_heads * first.head_dim for l in attention_layers):
+            raise NotImplementedError("a shared KV pool needs the same K/V size in every layer")
+        pool = SharedKVPool.create(Path(shared), len(attention_layers), num_blocks, block_bytes)
+    for index, layer in enumerate(attention_layers):
+        layer.layer_index = index
         k_shape, v_shape = kv_cache_shapes(num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
-        layer.k_cache = torch.zeros(k_shape, dtype=dtype)
-        layer.v_cache = torch.zeros(v_shape, dtype=dtype)
-        caches.append((layer.k_cache, layer.v_cache))
-    return caches
+        if pool is None:
+            layer.k_cache = torch.zeros(k_shape, dtype=dtype)
+            layer.v_cache = torch.zeros(v_shape, dtype=dtype)
+        else:  # views of the shared pages (zeros: a new file)
+            layer.k_cache = torch.from_numpy(pool.data[index, 0]).view(dtype).view(k_shape)
+            layer.v_cache = torch.from_numpy(pool.data[index, 1]).view(dtype).view(v_shape)
+    return pool

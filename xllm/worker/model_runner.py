@@ -62,7 +62,7 @@ class ModelRunner:
 
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, hf_config: dict,
                  tp: TPGroup = SINGLE, micro_batch_overlap: bool = False,
-                 graph_buckets: list[int] | None = None) -> None:
+                 graph_buckets: list[int] | None = None, shared_kv: str = "") -> None:
         self.spec = DecoderSpec.from_hf(hf_config)
         self.dtype = DTYPES[model_cfg.dtype]
         self.block_size = cache_cfg.block_size
@@ -76,7 +76,10 @@ class ModelRunner:
         xllm_ops.warm_up()
         log.info("loaded %s in %.1f s", self.spec.architecture, time.perf_counter() - t0)
         # NOTE: one block more than the scheduler hands out: padding rows of graphs use it
-        allocate_kv_cache(self.model.attention_layers(), cache_cfg.num_blocks + 1, self.block_size, self.dtype)
+        # With ``shared_kv`` the pool is a shared file the KV agent maps, and each step's
+        # layer progress is published in it (``xllm.kv_transfer.pool``).
+        self.kv_pool = allocate_kv_cache(self.model.attention_layers(), cache_cfg.num_blocks + 1,
+                                         self.block_size, self.dtype, shared_kv)
         self.sampler = Sampler(model_cfg.seed)
         self.requests: dict[str, RequestState] = {}
         self.graphs: DecodeGraphs | None = None
@@ -138,12 +141,25 @@ class ModelRunner:
         """Apply the plan's state changes and run the forward pass: the requests that sample
         this step and their (S, vocab) float32 logits."""
         self._apply_plan_state(plan)
+        pool = self.kv_pool
+        if pool is None:
+            return self._step_logits(plan)
+        pool.start_step(plan.step_id)
+        try:
+            return self._step_logits(plan)
+        finally:
+            pool.layer_done(pool.num_layers)
+
+    def _step_logits(self, plan: StepPlan) -> tuple[list[str], torch.Tensor]:
         ids, n_sched, n_comp = plan.scheduled_req_ids, plan.num_scheduled, plan.num_computed
         if not ids:
             return [], torch.empty(0)
         if self.micro_batch_overlap and len(ids) > 1:
-            return self._micro_batch_logits(ids, n_sched, n_comp)
+            return self._micro_batch_logits(ids, n_sched, n_comp)  # progress only at the end
         inp = self._prepare(ids, n_sched, n_comp)
+        if self.kv_pool is not None:
+            layer_done = self.kv_pool.layer_done
+            inp.meta.on_layer_stored = lambda index: layer_done(index + 1)
         if self.graphs is not None and inp.meta.all_decode and self.graphs.bucket_for(len(ids)):
             m = inp.meta
             logits = self.graphs.run(inp.input_ids, inp.positions, m.slot_mapping,
