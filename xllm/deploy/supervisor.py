@@ -149,6 +149,11 @@ class Supervisor:
         mine = [a for a in self.actors if a.spec.instance == inst]
         await asyncio.get_running_loop().run_in_executor(None, _stop_all, [a.proc for a in mine], 5.0)
         Path(self.plan.dist_init(inst).removeprefix("file://")).unlink(missing_ok=True)
+        # NOTE: the restarted KV agent must map the pool its new worker creates, not the old
+        # one: its scheduler takes requests before the worker is up, and a worker that
+        # re-created the file under a mapped agent would wipe KV the agent already wrote
+        for rank in range(self.plan.instance(inst).tp_size):
+            Path(self.plan.kv_pool(inst, rank)).unlink(missing_ok=True)
         for a in mine:
             self.ready.pop(a.name, None)
             a.start()
