@@ -91,3 +91,37 @@ def test_two_hosts_over_tcp_with_curve_equal_transformers(make_tiny, tmp_path):
             assert handshake(scheduler, curve.options(scheduler, str(keys), server=False)) == "succeeded"
     for prompt, n, out in zip(prompts, MAX_TOKENS, outs):
         assert_greedy_equal(str(model), prompt, out, hf_greedy(str(model), prompt, n))
+
+
+@pytest.mark.slow
+def test_prefill_and_decode_on_two_hosts_over_tcp_with_curve(make_tiny, tmp_path):
+    """Prefill in one namespace, decode in another: every request's KV crosses between
+    the hosts' KV agents over TCP with CURVE; greedy output equals transformers'."""
+    model = make_tiny("tiny-llama")
+    keys = tmp_path / "keys"
+    curve.make_keys(keys)
+    prompts = workload()
+    subnet = "198.18.8"
+    with hosts(["xp", "xd"], subnet) as addresses, running_etcd(tmp_path, host=f"{subnet}.1") as etcd:
+        (ns_p, host_p), (ns_d, host_d) = addresses.items()
+        common = ("--dtype", "float32", "--enforce-eager")
+        with launch_role(model, tmp_path / "p", "instance", etcd.url, host_p, keys, *common,
+                         "--instance-role", "prefill", "--instance-prefix", "p-i", base_port=BASE_PORT,
+                         netns=ns_p), \
+                launch_role(model, tmp_path / "d", "instance", etcd.url, host_d, keys, *common,
+                            "--instance-role", "decode", "--instance-prefix", "d-i", base_port=BASE_PORT,
+                            netns=ns_d), \
+                launch_role(model, tmp_path / "r", "router", etcd.url, f"{subnet}.1", keys, *common) as router:
+            asyncio.run(wait_instances(router.address, 2))
+            outs, stats = asyncio.run(_generate(router.address, prompts, MAX_TOKENS))
+            prefill, decode = stats["instances"]["p-i0"], stats["instances"]["d-i0"]
+            assert decode["kv_transfers"] == prefill["kv_transfers"] == len(prompts)
+            assert decode["kv_recomputed"] == 0 and decode["kv_transfer_bytes"] > 0
+            assert prefill["total_output_tokens"] == 0  # the prefill host streamed nothing itself
+
+            # the decode host's KV agent, from this namespace: only the cluster's key gets in
+            agent = f"tcp://{host_d}:{BASE_PORT + 200}"
+            assert handshake(agent, {}).startswith("refused")
+            assert handshake(agent, curve.options(agent, str(keys), server=False)) == "succeeded"
+    for prompt, n, out in zip(prompts, MAX_TOKENS, outs):
+        assert_greedy_equal(str(model), prompt, out, hf_greedy(str(model), prompt, n))

@@ -63,6 +63,14 @@ class Metrics:
                                labels, registry=r)
         self.instances_lost = Gauge("xllm:instances_lost", "Instances the router lost since it "
                                     "started", labels, registry=r)
+        # prefill/decode disaggregation, as the decode instances count it (failures: both sides)
+        self.kv = {key: Gauge(f"xllm:{key}", text, labels, registry=r) for key, text in (
+            ("kv_transfers", "PD KV transfers completed"),
+            ("kv_transfer_bytes", "Bytes of KV received from prefill instances"),
+            ("kv_transfer_seconds", "Seconds PD transfers took, summed"),
+            ("kv_transfer_failures", "PD transfers that failed or were cancelled"),
+            ("kv_transfers_in_flight", "PD transfers under way"),
+            ("kv_recomputed", "Decode requests that computed their prompt after a failed transfer"))}
 
     def start(self) -> RequestClock:
         """A clock for one SDK request submitted now."""
@@ -98,6 +106,11 @@ class Metrics:
         router = stats.get("router", {})
         self.instances.labels(m).set(router.get("num_instances", 0))
         self.instances_lost.labels(m).set(router.get("instances_lost", 0))
+        per = stats.get("instances", {}).values()
+        decode = [i for i in per if i.get("role") == "decode"]
+        for key, gauge in self.kv.items():
+            both = key in ("kv_transfer_failures", "kv_transfers_in_flight")
+            gauge.labels(m).set(sum(i.get(key, 0) for i in (per if both else decode)))
 
     def count_http(self, path: str, status: int) -> None:
         """One HTTP response sent."""

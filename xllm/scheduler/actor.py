@@ -277,7 +277,8 @@ class SchedulerActor(Actor):
         core = self.core
         match call.method:
             case "stats":
-                return ControlReply(call.call_id, True, {**core.snapshot(), "instance_id": self.instance.id})
+                return ControlReply(call.call_id, True, {**core.snapshot(), "instance_id": self.instance.id,
+                                                     "role": self.instance.role})
             case "health":
                 problem = self.watch.problem()
                 if problem is not None:
