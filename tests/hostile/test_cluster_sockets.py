@@ -2,7 +2,8 @@
 
 A deployment advertising 127.0.0.1 without cluster keys (so anyone can connect, as the
 launcher warns) gets, on each socket other hosts reach (the scheduler's input, the
-router's reports, the frontend's input): deep nesting, a huge frame,
+router's reports, the frontend's input; with PD, the prefill and decode schedulers' inputs
+and their KV agents'): deep nesting, a huge frame,
 wrong types, random bytes, messages of another socket. After each attack every actor
 is alive, a normal request is served, and no KV block is held.
 """
@@ -45,6 +46,30 @@ ATTACKS = {
         "type": "tokens", "step_id": 1, "req_ids": ["nobody"], "new_token_ids": [[1]],
         "finish_reasons": [None], "num_cached_tokens": [0], "queue_times": [0.0]})],
     "unknown type": [enc({"type": "launch_missiles"})],
+    # what only a KV agent or a PD scheduler expects
+    "KV for a request nobody expects": [enc({
+        "type": "kv_layer", "req_id": "ghost", "rank": 0, "layer": 0, "dst_blocks": [0, 1],
+        "k": ["|u1", [2, 4096], 1], "v": ["|u1", [2, 4096], 2]}), b"\0" * 8192, b"\0" * 8192],
+    "KV with arrays that are not its frames": [enc({
+        "type": "kv_layer", "req_id": "ghost", "rank": 0, "layer": 0, "dst_blocks": [0],
+        "k": ["|u1", [1, 4096], 7], "v": ["<f8", [3], 1]}), b"x"],
+    "a completion acknowledged nowhere": [enc({
+        "type": "kv_complete", "req_id": "ghost", "num_messages": 0, "first_token": 1, "reply_to": "tcp://"})],
+    "a send plan to nowhere": [enc({"type": "kv_send_plan", "step_id": 1,
+                                    "sends": [["ghost", [0], [0], "not an address"]]})],
+    "a release of an unknown request": [enc({"type": "kv_released", "req_id": "ghost", "ok": True})],
+    "a first token of an unknown request": [enc({"type": "kv_received", "req_id": "ghost", "ok": True,
+                                                 "first_token": 1})],
+    "a prefill to be answered nowhere": [enc({
+        "type": "prefill", "request": {"type": "tokenized", "req_id": "x-3", "prompt_token_ids": [3, 4],
+                                       "sampling": {}, "eos_token_ids": [], "arrival_time": 0.0},
+        "decode_instance": "d", "decode_address": "no address", "decode_agent": "no address",
+        "block_ids": [0]})],
+    "a disaggregated request whose prefill is nowhere": [enc({
+        "type": "pd_request", "request": {"type": "tokenized", "req_id": "x-4", "prompt_token_ids": [3, 4],
+                                          "sampling": {"max_tokens": 2}, "eos_token_ids": [],
+                                          "arrival_time": 0.0, "reply_to": "no such address"},
+        "prefill_instance": "p", "prefill_address": "nowhere"})],
 }
 
 
@@ -68,7 +93,12 @@ async def still_serving(address: str) -> dict:
     async with AsyncClient(address) as c:
         out = await asyncio.wait_for(c.generate(prompt_token_ids=[3, 4, 5], max_tokens=4, ignore_eos=True), 60)
         assert out.finish_reason == "length" and len(out.token_ids) == 4
-        return await c.call("check_integrity")
+        for _ in range(100):  # with PD the prefill side lets go a moment after (a bound: 10 s)
+            integrity = await c.call("check_integrity")
+            if integrity["used"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        return integrity
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +107,30 @@ def exposed(make_tiny, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exposed")
     with launch(make_tiny("tiny-llama"), tmp, "--advertise-host", "127.0.0.1", "--base-port", str(base)) as dep:
         yield dep, sockets(base)
+
+
+@pytest.fixture(scope="module")
+def exposed_pd(make_tiny, tmp_path_factory):
+    """A prefill and a decode instance: their schedulers at +100/+101, KV agents at +200/+201."""
+    base = free_port_block()
+    tmp = tmp_path_factory.mktemp("exposed-pd")
+    with launch(make_tiny("tiny-llama"), tmp, "--advertise-host", "127.0.0.1", "--base-port", str(base),
+                "--pd", "1:1") as dep:
+        yield dep, {f"{side} {what}": f"tcp://127.0.0.1:{base + off + k}"
+                    for k, side in enumerate(("prefill", "decode"))
+                    for what, off in (("scheduler input", 100), ("kv agent input", 200))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["prefill scheduler input", "decode scheduler input",
+                                    "prefill kv agent input", "decode kv agent input"])
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_attacks_on_the_pd_sockets_leave_the_deployment_serving(exposed_pd, target, attack):
+    dep, addresses = exposed_pd
+    push(addresses[target], ATTACKS[attack])
+    integrity = asyncio.run(still_serving(dep.address))
+    assert integrity["used"] == 0
+    assert dep.proc.poll() is None, dep.output()[-3000:]
 
 
 @pytest.mark.slow

@@ -150,8 +150,12 @@ class KVAgentActor(Actor):
                 else:
                     out.done = msg
             case KVExpect():
+                prefill = self._peer(msg.prefill_address)
+                if prefill is None:
+                    await self.to_scheduler.send(KVReceived(msg.req_id, False, error="cannot reach the prefill instance"))
+                    return
                 self.incoming[msg.req_id] = Incoming(set(msg.block_ids), time.perf_counter())
-                await self._peer(msg.prefill_address).send(msg.prefill)
+                await prefill.send(msg.prefill)
             case KVCancel():
                 await self._cancel(msg.req_id)
             case KVLayer():
@@ -200,6 +204,8 @@ class KVAgentActor(Actor):
         if out is None:
             return
         peer = self._peer(send.dst_agent)
+        if peer is None:
+            return  # no KVComplete will match: the decode side times out and recomputes
         for rank, pool in enumerate(self.pools):
             k, v = pool.read(layer, send.src_blocks)
             await peer.send(KVLayer(send.req_id, rank, layer, send.dst_blocks, k, v))
@@ -216,14 +222,23 @@ class KVAgentActor(Actor):
             out.completed = True
             self.stats.bytes_sent += out.num_bytes
             d = out.done
-            await self._peer(out.dst_agent).send(KVComplete(
+            peer = self._peer(out.dst_agent)
+            if peer is None:
+                continue
+            await peer.send(KVComplete(
                 req_id, out.num_messages, d.first_token, self.plan.kv_agent_in(self.instance.id),
                 d.first_logprobs, d.num_cached_tokens))
 
-    def _peer(self, address: str) -> Channel:
+    def _peer(self, address: str) -> Channel | None:
+        """The PUSH socket to another agent or a prefill scheduler; None (logged) for an
+        address ZeroMQ cannot connect to."""
         ch = self.peers.get(address)
         if ch is None:
-            ch = self.peers[address] = self.channel(zmq.PUSH, address, bind=False)
+            try:
+                ch = self.peers[address] = self.channel(zmq.PUSH, address, bind=False)
+            except (zmq.ZMQError, ValueError) as exc:
+                log.error("cannot reach %r: %s", address[:200], exc)
+                return None
         return ch
 
     # -- receiving ----------------------------------------------------------------------------
@@ -254,8 +269,11 @@ class KVAgentActor(Actor):
         return ""
 
     async def _on_complete(self, msg: KVComplete) -> None:
-        inc = self.incoming.pop(msg.req_id, None)
+        inc = self.incoming.get(msg.req_id)
         ack = self._peer(msg.reply_to)
+        if ack is None:
+            return  # from nowhere anyone can be answered: not a prefill agent's
+        self.incoming.pop(msg.req_id, None)
         if inc is None:
             await ack.send(KVAck(msg.req_id, False, "the decode side no longer expects it"))
             return
