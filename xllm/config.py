@@ -62,6 +62,7 @@ class SchedulerConfig:
     max_queued_requests: int = 10_000  # more waiting requests than this are refused
     worker_stall_timeout_s: float = 10.0  # a step or a silent worker past this: health fails
     kv_transfer_timeout_s: float = 30.0  # PD: a transfer not done by then is cancelled (decode recomputes)
+    kv_layerwise: bool = True  # PD: push each layer's KV as it is stored (False: once the step is done)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -88,7 +89,7 @@ class RouterConfig:
     """The global scheduler (``xllm.router``): how it places requests on instances."""
 
     policy: str = "prefix_cache_aware"
-    pd_mixed_below: int = 0  # with PD and mixed instances: prompts this short go to a mixed one
+    pd_short_prompt: int = 0  # with PD: prompts this short skip the prefill side (a mixed or the decode instance)
 
     def __post_init__(self) -> None:
         if self.policy not in ROUTER_POLICIES:

@@ -309,6 +309,7 @@ class KVReceived(msgspec.Struct, tag="kv_received"):
     error: str = ""
     num_bytes: int = 0  # KV received for it
     seconds: float = 0.0  # from its expectation to its completion
+    exposed_seconds: float = 0.0  # from the prefill's last layer stored to its last KV written here
 
 
 SchedulerInput = Union[TokenizedRequest, AbortRequest, ControlCall, DisaggregatedRequest, PrefillRequest,
@@ -381,6 +382,7 @@ class KVComplete(msgspec.Struct, tag="kv_complete"):
     reply_to: str  # the prefill agent's input
     first_logprobs: Any = None
     num_cached_tokens: int = 0
+    stored_at: float = 0.0  # time.time() when the prefill's last layer was seen stored
 
 
 class KVAck(msgspec.Struct, tag="kv_ack"):

@@ -5,10 +5,12 @@ decodes. Outputs equal the mixed run token for token; no block is left held."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
 from tests.deploy import launch
+from tests.http.shim import serve_http
 from xllm.sdk import AsyncClient
 
 CHUNK = 64  # --max-num-batched-tokens: the long prompt takes three chunks
@@ -45,14 +47,24 @@ async def released(c: AsyncClient, timeout: float = 30.0) -> dict:
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("preset,dtype", [("tiny-llama", "float32"), ("tiny-qwen2", "bfloat16")])
+def metric(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.M)
+    assert found, f"{name} is not in /metrics"
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("preset,dtype", [("tiny-llama", "float32"), ("tiny-qwen2", "bfloat16"),
+                                          pytest.param("tiny-llama", "bfloat16", marks=pytest.mark.slow),
+                                          pytest.param("tiny-qwen2", "float32", marks=pytest.mark.slow)])
 def test_prefill_transfer_decode_equals_the_mixed_run(make_tiny, tmp_path, preset, dtype):
     model = make_tiny(preset)
     common = ("--dtype", dtype, "--max-num-batched-tokens", str(CHUNK))
     with launch(model, tmp_path / "mixed", *common) as dep:
         mixed = asyncio.run(serve(dep.address))
-    with launch(model, tmp_path / "pd", *common, "--pd", "1:1") as dep:
-        pd = asyncio.run(serve(dep.address))
+    (tmp_path / "pd").mkdir()
+    with serve_http(model, tmp_path / "pd", *common, "--pd", "1:1") as shim:
+        pd = asyncio.run(serve(shim.dep.address))
+        metrics = shim.get("/metrics").body.decode()
     assert pd["tokens"] == mixed["tokens"]
     assert pd["reasons"] == ["length"] * len(pd["tokens"])
     prefill, decode = pd["stats"]["instances"]["i0"], pd["stats"]["instances"]["i1"]
@@ -64,3 +76,7 @@ def test_prefill_transfer_decode_equals_the_mixed_run(make_tiny, tmp_path, prese
     assert prefill["prefix_cache_hits"] >= len(SHARED) // 16 * 16  # LATER reused SHARED there
     assert prefill["total_output_tokens"] == 0  # the prefill side streams nothing itself
     assert decode["total_output_tokens"] == n * GREEDY["max_tokens"]
+    assert metric(metrics, "xllm:kv_transfers") == n
+    assert metric(metrics, "xllm:kv_transfer_bytes") == decode["kv_transfer_bytes"]
+    assert metric(metrics, "xllm:kv_transfers_in_flight") == 0
+    assert metric(metrics, "xllm:kv_recomputed") == 0

@@ -6,7 +6,7 @@ from xllm.block_hash import block_hashes
 from xllm.protocol import InstanceLoad, SamplingParams, TokenizedRequest
 from xllm.router.policies import KVCacheAware, PrefixCacheAware, RoundRobin
 from xllm.router.prefix_index import PrefixIndex
-from xllm.router.registry import InstanceState, Registry
+from xllm.router.registry import InstanceState, Registries, Registry, placement
 
 BS = 4
 
@@ -109,3 +109,31 @@ def test_least_loaded_survives_many_updates():
         reg.routed(reg.least_loaded())
     loads = [i.work for i in reg.instances.values()]
     assert max(loads) - min(loads) <= 1  # always the least loaded: they level out
+
+
+def _pools(**counts: int) -> Registries:
+    pools = Registries()
+    for role, n in counts.items():
+        for k in range(n):
+            pools.add(InstanceState(f"{role}{k}", f"ipc://{role}{k}", role=role))
+    return pools
+
+
+def test_pd_placement_splits_over_a_pair_and_falls_back_without_one():
+    assert placement(_pools(prefill=1, decode=1), 500) == "pair"
+    assert placement(_pools(prefill=1, decode=1, mixed=1), 500, short_prompt=64) == "pair"
+    assert placement(_pools(prefill=1, decode=1, mixed=1), 64, short_prompt=64) == "mixed"  # short: mixed
+    assert placement(_pools(prefill=1, decode=1), 64, short_prompt=64) == "decode"  # decode computes it
+    assert placement(_pools(prefill=1, decode=1), 65, short_prompt=64) == "pair"
+    assert placement(_pools(decode=1), 500) == "decode"  # the prefill side is gone: decode computes it
+    assert placement(_pools(prefill=1), 500) == "prefill"
+    assert placement(_pools(mixed=2), 500) == "mixed"
+
+
+def test_each_role_is_its_own_pool_and_an_instance_can_change_role():
+    pools = _pools(prefill=2, decode=1)
+    assert len(pools) == 3 and len(pools.pool("prefill")) == 2
+    pools.add(InstanceState("prefill0", "ipc://prefill0", role="decode"))  # re-registered as decode
+    assert len(pools.pool("prefill")) == 1 and len(pools.pool("decode")) == 2 and len(pools) == 3
+    assert pools.get("prefill0").role == "decode"
+    assert pools.remove("decode0") is not None and len(pools) == 2 and pools.get("decode0") is None

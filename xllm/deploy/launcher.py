@@ -99,12 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pd", default="", metavar="P:D",
                    help="run P prefill and D decode instances here (instead of --instances); the "
                         "router splits every request over a pair")
-    d.add_argument("--pd-mixed-below", type=int, default=0,
-                   help="with PD and mixed instances: prompts of at most this many tokens go to a "
-                        "mixed instance")
+    d.add_argument("--pd-short-prompt", type=int, default=0,
+                   help="with PD: prompts of at most this many tokens skip the prefill instances: a "
+                        "mixed instance takes them, else the decode instance computes them itself")
     d.add_argument("--kv-transfer-timeout", type=float, default=30.0,
                    help="seconds a PD transfer may take; then it is cancelled and the decode "
                         "instance computes the prompt itself")
+    d.add_argument("--no-kv-layerwise", action="store_true",
+                   help="PD: push a step's KV only once the whole step is done (to measure what "
+                        "layer-by-layer sending hides)")
     d.add_argument("--frontends", type=int, default=1,
                    help="frontend processes; frontend k listens on --address's port + k")
     d.add_argument("--routers", type=int, default=1, help="router processes (frontend k uses router k mod N)")
@@ -181,13 +184,14 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                                   policy=args.policy, async_scheduling=not args.no_async_scheduling,
                                   max_queued_requests=args.max_queued_requests,
                                   worker_stall_timeout_s=args.worker_stall_timeout,
-                                  kv_transfer_timeout_s=args.kv_transfer_timeout),
+                                  kv_transfer_timeout_s=args.kv_transfer_timeout,
+                                  kv_layerwise=not args.no_kv_layerwise),
         parallel=ParallelConfig(micro_batch_overlap=args.micro_batch_overlap,
                                 shm_collectives=not args.no_shm_collectives),
         http=HttpConfig(host=args.http_host, port=args.http_port, max_body_bytes=args.max_body_bytes,
                         request_timeout_s=args.request_timeout,
                         max_concurrent_requests=args.http_max_concurrent),
-        router=RouterConfig(policy=args.router_policy, pd_mixed_below=args.pd_mixed_below),
+        router=RouterConfig(policy=args.router_policy, pd_short_prompt=args.pd_short_prompt),
     )
 
 

@@ -59,6 +59,7 @@ class Outgoing:
     num_bytes: int = 0
     done: KVSendDone | None = None  # the prefill is complete
     completed: bool = False  # KVComplete is out; waiting for the ack
+    stored_at: float = 0.0  # time.time() its latest step was seen stored in full
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Incoming:
     num_messages: int = 0
     num_bytes: int = 0
     error: str = ""
+    last_write: float = 0.0  # time.time() of its last KV written
 
 
 @dataclass
@@ -101,6 +103,7 @@ class KVAgentActor(Actor):
         self.incoming: dict[str, Incoming] = {}
         self.peers: dict[str, Channel] = {}  # other agents' inputs, prefill schedulers' inputs
         self.stats = AgentStats()
+        self.layerwise = plan.engine.scheduler.kv_layerwise
 
     async def setup(self) -> dict:
         plan, inst = self.plan, self.instance.id
@@ -190,14 +193,28 @@ class KVAgentActor(Actor):
         while self.steps:
             step = self.steps[0]
             num_layers = self.pools[0].num_layers
-            while step.next_layer < num_layers and all(p.written(step.step_id, step.next_layer)
-                                                       for p in self.pools):
+            while step.next_layer < num_layers:
+                # layer-wise: as soon as the layer is stored; else once the whole step is
+                wait_for = step.next_layer if self.layerwise else num_layers - 1
+                if not all(p.written(step.step_id, wait_for) for p in self.pools):
+                    break
+                if step.next_layer == (num_layers - 1 if self.layerwise else 0):
+                    self._mark_stored(step)  # the step's last layer is stored
                 for send in step.sends:
                     await self._send_layer(send, step.next_layer)
                 step.next_layer += 1
             if step.next_layer < num_layers:
                 return  # the workers are still on this step
             self.steps.popleft()
+
+    def _mark_stored(self, step: PendingStep) -> None:
+        """Note when the step's KV was stored in full: the latest step of a request is the
+        end of its prefill, from which the decode side measures what was left to move."""
+        now = time.time()
+        for send in step.sends:
+            out = self.outgoing.get(send.req_id)
+            if out is not None:
+                out.stored_at = now
 
     async def _send_layer(self, send: KVSend, layer: int) -> None:
         out = self.outgoing.get(send.req_id)
@@ -227,7 +244,7 @@ class KVAgentActor(Actor):
                 continue
             await peer.send(KVComplete(
                 req_id, out.num_messages, d.first_token, self.plan.kv_agent_in(self.instance.id),
-                d.first_logprobs, d.num_cached_tokens))
+                d.first_logprobs, d.num_cached_tokens, out.stored_at))
 
     def _peer(self, address: str) -> Channel | None:
         """The PUSH socket to another agent or a prefill scheduler; None (logged) for an
@@ -252,6 +269,7 @@ class KVAgentActor(Actor):
             inc.error = problem
             return
         self.pools[msg.rank].write(msg.layer, msg.dst_blocks, msg.k, msg.v)
+        inc.last_write = time.time()
         inc.num_messages += 1
         inc.num_bytes += msg.k.nbytes + msg.v.nbytes
 
@@ -281,7 +299,8 @@ class KVAgentActor(Actor):
                               f"{inc.num_messages} of {msg.num_messages} KV messages arrived")
         self.stats.bytes_received += inc.num_bytes
         self._count(not error)
+        exposed = max(0.0, inc.last_write - msg.stored_at) if msg.stored_at and inc.last_write else 0.0
         await self.to_scheduler.send(KVReceived(msg.req_id, not error, msg.first_token, msg.first_logprobs,
                                                 msg.num_cached_tokens, error,
-                                                inc.num_bytes, time.perf_counter() - inc.started))
+                                                inc.num_bytes, time.perf_counter() - inc.started, exposed))
         await ack.send(KVAck(msg.req_id, not error, error))

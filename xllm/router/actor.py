@@ -42,7 +42,7 @@ from ..protocol import (
 from .merge import FANNED_OUT, merge
 from .policies import make_policy
 from .prefix_index import PrefixIndex
-from .registry import InstanceState, Registries
+from .registry import InstanceState, Registries, placement
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +204,11 @@ class RouterActor(Actor):
                 await self.frontends.send_to(frontend, ErrorReply("bad_request", f"malformed message: {msg}"))
 
     async def _place(self, frontend: bytes, req: TokenizedRequest) -> None:
-        pools = self.registry
-        mixed, prefill, decode = pools.pool("mixed"), pools.pool("prefill"), pools.pool("decode")
-        short = len(mixed) and len(req.prompt_token_ids) <= self.cfg.router.pd_mixed_below
-        if len(prefill) and len(decode) and not short:
+        role = placement(self.registry, len(req.prompt_token_ids), self.cfg.router.pd_short_prompt)
+        if role == "pair":
             await self._place_pair(frontend, req)
             return
-        # no pair to split it over: a mixed instance, else one that can compute it alone
-        role = "mixed" if len(mixed) else "decode" if len(decode) else "prefill"
-        inst = self.policies[role].choose(req, pools.pool(role))
+        inst = self.policies[role].choose(req, self.registry.pool(role))
         if inst is None:
             self.stats["rejected"] += 1
             await self.frontends.send_to(frontend, RequestRejected(

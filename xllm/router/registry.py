@@ -186,3 +186,17 @@ class Registries:
 
     def silent(self, limit_s: float) -> list[InstanceState]:
         return [i for pool in self.pools.values() for i in pool.silent(limit_s)]
+
+
+def placement(pools: Registries, prompt_len: int, short_prompt: int = 0) -> str:
+    """Where a request of ``prompt_len`` tokens goes: "pair" (split over a prefill and a
+    decode instance), or the role of the pool one instance is chosen from. A short prompt
+    (at most ``short_prompt`` tokens) skips the prefill side: a mixed instance, else a
+    decode instance computes it. Without a pair: a mixed instance, else one that can
+    compute the prompt alone."""
+    mixed, prefill, decode = (len(pools.pool(r)) for r in ("mixed", "prefill", "decode"))
+    if prompt_len <= short_prompt and (mixed or decode):
+        return "mixed" if mixed else "decode"
+    if prefill and decode:
+        return "pair"
+    return "mixed" if mixed else "decode" if decode else "prefill"

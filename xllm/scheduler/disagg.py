@@ -77,6 +77,7 @@ class TransferStats:
     kv_transfer_failures: int = 0
     kv_transfer_bytes: int = 0
     kv_transfer_seconds: float = 0.0  # summed over completed transfers
+    kv_exposed_seconds: float = 0.0  # decode side: KV still moving after the prefill ended, summed
     kv_recomputed: int = 0  # decode requests that computed their prompt after a failed transfer
 
 
@@ -134,6 +135,7 @@ class Disaggregation:
         if msg.ok and not rp.aborted:
             self.transfer_stats.kv_transfers += 1
             self.transfer_stats.kv_transfer_seconds += msg.seconds
+            self.transfer_stats.kv_exposed_seconds += msg.exposed_seconds
             req.remote_prefill = None
             req.num_computed_tokens = len(req.prompt_token_ids)
             req.num_cached_tokens = msg.num_cached_tokens
