@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import random
+import socket
 import sys
 import tempfile
 import time
@@ -156,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         speeds["agents' path over ipc://"] = path_speed(spec.num_layers, block_bytes, num_blocks,
                                                         f"ipc://{d}/kv", args.repeats)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     speeds["agents' path over tcp:// (loopback)"] = path_speed(spec.num_layers, block_bytes, num_blocks,
-                                                               "tcp://127.0.0.1:47311", args.repeats)
+                                                               f"tcp://127.0.0.1:{port}", args.repeats)
     for k, v in speeds.items():
         print(f"{k}: {v:.2f} GB/s", flush=True)
 
