@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -81,15 +81,6 @@ class PendingStep:
     next_layer: int = 0
 
 
-@dataclass
-class AgentStats:
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    transfers_done: int = 0
-    transfers_failed: int = 0
-    layers_sent: int = 0
-
-
 class KVAgentActor(Actor):
     """Pushes and receives the KV of disaggregated requests for one instance."""
 
@@ -102,7 +93,6 @@ class KVAgentActor(Actor):
         self.outgoing: dict[str, Outgoing] = {}
         self.incoming: dict[str, Incoming] = {}
         self.peers: dict[str, Channel] = {}  # other agents' inputs, prefill schedulers' inputs
-        self.stats = AgentStats()
         self.layerwise = plan.engine.scheduler.kv_layerwise
 
     async def setup(self) -> dict:
@@ -168,15 +158,8 @@ class KVAgentActor(Actor):
             case KVAck():
                 out = self.outgoing.pop(msg.req_id, None)
                 if out is not None:
-                    self._count(msg.ok)
                     await self.to_scheduler.send(KVReleased(msg.req_id, msg.ok, msg.error, out.num_bytes,
                                                             time.perf_counter() - out.started))
-
-    def _count(self, ok: bool) -> None:
-        if ok:
-            self.stats.transfers_done += 1
-        else:
-            self.stats.transfers_failed += 1
 
     async def _cancel(self, req_id: str) -> None:
         """Stop moving ``req_id``'s KV and give its blocks back to the scheduler."""
@@ -228,7 +211,6 @@ class KVAgentActor(Actor):
             await peer.send(KVLayer(send.req_id, rank, layer, send.dst_blocks, k, v))
             out.num_messages += 1
             out.num_bytes += k.nbytes + v.nbytes
-        self.stats.layers_sent += 1
 
     async def _complete_finished(self) -> None:
         """Send ``KVComplete`` for each finished prefill whose blocks are all out."""
@@ -237,7 +219,6 @@ class KVAgentActor(Actor):
             if out.done is None or out.completed or req_id in pending:
                 continue
             out.completed = True
-            self.stats.bytes_sent += out.num_bytes
             d = out.done
             peer = self._peer(out.dst_agent)
             if peer is None:
@@ -297,8 +278,6 @@ class KVAgentActor(Actor):
             return
         error = inc.error or ("" if inc.num_messages == msg.num_messages else
                               f"{inc.num_messages} of {msg.num_messages} KV messages arrived")
-        self.stats.bytes_received += inc.num_bytes
-        self._count(not error)
         exposed = max(0.0, inc.last_write - msg.stored_at) if msg.stored_at and inc.last_write else 0.0
         await self.to_scheduler.send(KVReceived(msg.req_id, not error, msg.first_token, msg.first_logprobs,
                                                 msg.num_cached_tokens, error,
