@@ -105,6 +105,7 @@ class HttpConfig:
     max_body_bytes: int = 4 * 2**20  # larger request bodies are answered 413
     request_timeout_s: float = 600.0  # a request still running after this is aborted (408)
     max_concurrent_requests: int = 0  # HTTP requests in flight at most (more get 429); 0: no cap
+    api_key: str = ""  # every route but /health needs "Authorization: Bearer <key>"; "": no key
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

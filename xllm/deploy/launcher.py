@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an HTTP request may run before it is aborted (408)")
     h.add_argument("--http-max-concurrent", type=int, default=0,
                    help="HTTP requests in flight at most; more are answered 429 (0: no cap)")
+    h.add_argument("--api-key", default=None,
+                   help="every HTTP route but /health needs 'Authorization: Bearer KEY' (default: "
+                        "$XLLM_API_KEY, which ps does not show; none: no key)")
     d = p.add_argument_group("deployment")
     d.add_argument("--address", default=DEFAULT_ADDRESS,
                    help="where SDK clients connect (tcp://HOST:PORT or ipc://PATH)")
@@ -164,9 +167,10 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
     if dtype == "auto":
         saved = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
         dtype = "float32" if saved == "float32" else "bfloat16"
-    if args.http_port and not _is_loopback(args.http_host):
-        log.warning("the HTTP API listens on %s, beyond this machine, without authentication",
-                    args.http_host)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("XLLM_API_KEY", "")
+    if args.http_port and not _is_loopback(args.http_host) and not api_key:
+        log.warning("the HTTP API listens on %s, beyond this machine, without authentication "
+                    "(give --api-key or XLLM_API_KEY)", args.http_host)
     max_len = min(args.max_model_len or spec.max_position, spec.max_position)
     bs = args.block_size
     block_bytes = 2 * spec.num_layers * bs * spec.num_kv_heads * spec.head_dim * DTYPE_BYTES[dtype]
@@ -190,7 +194,7 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                                 shm_collectives=not args.no_shm_collectives),
         http=HttpConfig(host=args.http_host, port=args.http_port, max_body_bytes=args.max_body_bytes,
                         request_timeout_s=args.request_timeout,
-                        max_concurrent_requests=args.http_max_concurrent),
+                        max_concurrent_requests=args.http_max_concurrent, api_key=api_key),
         router=RouterConfig(policy=args.router_policy, pd_short_prompt=args.pd_short_prompt),
     )
 

@@ -14,7 +14,8 @@ from starlette.responses import Response
 
 from ..sdk.errors import XllmError
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+          405: "invalid_request_error",
           408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
           499: "client_closed_request", 500: "internal_error", 503: "service_unavailable"}
 T = TypeVar("T")

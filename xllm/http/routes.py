@@ -8,6 +8,7 @@ error body.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -59,7 +60,9 @@ def build_app(state: ShimState) -> FastAPI:
     """The ASGI app of the shim."""
     app = FastAPI(title="xllm", summary="OpenAI-compatible API of an xllm deployment",
                   version="0.1.0", docs_url=None, redoc_url=None)
-    app.add_middleware(CountResponses, metrics=state.metrics)
+    if state.cfg.api_key:
+        app.add_middleware(RequireKey, key=state.cfg.api_key)
+    app.add_middleware(CountResponses, metrics=state.metrics)  # outermost: counts the 401s too
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
@@ -180,6 +183,28 @@ def check_model(state: ShimState, name: str) -> None:
     if name != state.model:
         raise ApiError(404, f"the model `{name}` does not exist; this server serves `{state.model}`",
                        "model_not_found", "model")
+
+
+class RequireKey:
+    """ASGI middleware: every route but ``/health`` needs ``Authorization: Bearer <key>``
+    (as vLLM's ``--api-key``); anything else gets 401 with an OpenAI-style body. Keys are
+    compared in constant time."""
+
+    OPEN = ("/health",)
+
+    def __init__(self, app, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        why = "a wrong API key" if given else "no API key (send Authorization: Bearer KEY)"
+        err = ApiError(401, f"the request has {why}", "invalid_api_key")
+        await err.response()(scope, receive, send)
 
 
 class CountResponses:
