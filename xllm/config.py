@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import msgspec
 
@@ -139,9 +138,8 @@ class EngineConfig:
         return msgspec.json.decode(text, type=cls)
 
 
-def read_hf_config(model_dir: str | os.PathLike) -> dict:
-    """The checkpoint's ``config.json`` as a dict."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory: no config.json")
-    return json.loads(path.read_text())
+def read_hf_config(model: str | os.PathLike) -> dict:
+    """The checkpoint's config as a ``config.json``-shaped dict (a directory or a GGUF file)."""
+    from .models.loader import read_config
+
+    return read_config(model)

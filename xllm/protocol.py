@@ -32,6 +32,14 @@ class InvalidParam(ValueError):
         self.param = param
 
 
+class StructuredOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A constraint on what a request may generate, enforced token by token while sampling
+    (the worker masks every token the grammar does not allow)."""
+
+    kind: str  # "json" (any JSON value), "json_schema", "regex" or "lark" (a Lark grammar)
+    spec: str = ""  # the JSON schema as JSON text, the regular expression, or the grammar
+
+
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     """How to pick tokens for one request.
 
@@ -56,6 +64,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output
     logit_bias: dict[int, float] = {}  # token id -> added to its logit
     logprobs: int | None = None  # None: none; k: the sampled token's and the top-k logprobs
+    structured: StructuredOutput | None = None  # constrained decoding (JSON schema, regex, grammar)
 
     def validate(self) -> None:
         """Raise ``InvalidParam`` naming the first field that is out of range."""

@@ -31,9 +31,9 @@ class ModelTokenizer:
 
     @classmethod
     def load(cls, model_dir: str) -> "ModelTokenizer":
-        from transformers import AutoTokenizer
+        from ..models.loader import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok = load_tokenizer(model_dir)
         eos: list[int] = []
         defaults: dict = {}
         gen_path = Path(model_dir) / "generation_config.json"
