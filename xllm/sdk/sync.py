@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..protocol import RequestDelta
 from .client import AsyncClient, Completion
@@ -33,9 +33,22 @@ class Client:
 
     def generate_many(self, prompts: list[str | None], **kwargs: Any) -> list[Completion]:
         """Submit several requests at once (they are batched together by the engine)."""
+        return self.run_many([{"prompt": p, **kwargs} for p in prompts])
+
+    def run_many(self, requests: list[dict[str, Any]],
+                 on_done: Callable[[Completion], None] | None = None) -> list[Completion]:
+        """Submit every request at once (each a dict of ``generate`` keywords); the
+        completions come back in order. ``on_done`` sees each one as it finishes (on the
+        client's thread)."""
+
+        async def one(kwargs: dict[str, Any]) -> Completion:
+            c = await self._client.generate(**kwargs)
+            if on_done is not None:
+                on_done(c)
+            return c
 
         async def all_of() -> list[Completion]:
-            return await asyncio.gather(*(self._client.generate(p, **kwargs) for p in prompts))
+            return await asyncio.gather(*(one(r) for r in requests))
 
         return self._run(all_of())
 
