@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import sys
 import tempfile
 import time
@@ -30,7 +29,6 @@ QUESTIONS = ["Name three colours of the rainbow.", "What is the largest planet o
 
 
 async def _run(address: str, n: int, max_tokens: int) -> None:
-    rng = random.Random(0)
     async with AsyncClient(address) as client:
         info = await client.call("model_info")
         print(f"model {info['name']}: context {info['max_model_len']}, vocab {info['vocab_size']}")
@@ -39,7 +37,7 @@ async def _run(address: str, n: int, max_tokens: int) -> None:
                                          temperature=0.0):
             print(delta.text, end="", flush=True)
         print()
-        asked = [rng.choice(QUESTIONS) for _ in range(n)]
+        asked = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
         t0 = time.perf_counter()
         done = await asyncio.gather(*(client.generate(messages=[{"role": "user", "content": q}],
                                                       max_tokens=max_tokens, temperature=0.7, seed=i)

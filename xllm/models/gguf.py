@@ -15,7 +15,11 @@ Qwen2/Qwen3 files are written unpermuted.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -111,11 +115,37 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def tokenizer_cache_dir() -> Path:
+    """Where converted GGUF tokenizers are kept: ``$XLLM_TOKENIZER_CACHE``, else
+    ``~/.cache/xllm/gguf-tokenizers``."""
+    return Path(os.environ.get("XLLM_TOKENIZER_CACHE") or Path.home() / ".cache" / "xllm" / "gguf-tokenizers")
+
+
 def load_tokenizer(path: Path):
-    """The tokenizer and chat template stored in the file, as a transformers fast tokenizer."""
+    """The tokenizer and chat template stored in the file, as a transformers fast tokenizer.
+
+    transformers builds it from the file's vocabulary and merges, which takes seconds for
+    a 50k vocabulary; the result is saved once per file (keyed by its path, size and
+    mtime) and later loads read the saved one.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    st = path.resolve().stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    saved = tokenizer_cache_dir() / key
+    if (saved / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(saved))
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=saved.parent))
+    try:
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, saved)  # fails harmlessly if another process saved it first
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
 
 
 def hf_name(name: str) -> str:
