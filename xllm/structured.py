@@ -20,9 +20,9 @@ from __future__ import annotations
 import functools
 import json
 
+from .protocol import STRUCTURED_KINDS as KINDS
 from .protocol import InvalidParam, StructuredOutput
 
-KINDS = ("json", "json_schema", "regex", "lark")
 CACHE_SIZE = 64  # compiled grammars kept per process (LRU)
 _JSON_OPTIONS = {"whitespace_flexible": False}
 _WHAT = {"json": "JSON", "json_schema": "JSON schema", "regex": "regular expression", "lark": "Lark grammar"}
