@@ -32,6 +32,9 @@ class InvalidParam(ValueError):
         self.param = param
 
 
+STRUCTURED_KINDS = ("json", "json_schema", "regex", "lark")
+
+
 class StructuredOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A constraint on what a request may generate, enforced token by token while sampling
     (the worker masks every token the grammar does not allow)."""
@@ -99,6 +102,14 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
                "logit_bias values must be in [-100, 100]")
         yield ("logprobs", self.logprobs is not None and not (0 <= self.logprobs <= 20),
                f"logprobs must be in [0, 20], got {self.logprobs}")
+        so = self.structured
+        yield ("structured", so is not None and so.kind not in STRUCTURED_KINDS,
+               f"unknown structured output kind {so and so.kind!r}; use one of {list(STRUCTURED_KINDS)}")
+        yield ("structured", so is not None and so.kind != "json" and not so.spec.strip(),
+               f"structured output of kind {so and so.kind!r} needs a spec (the schema, regex or grammar)")
+        # NOTE: a complete grammar lets only the end-of-sequence ids follow
+        yield ("ignore_eos", so is not None and self.ignore_eos,
+               "ignore_eos cannot be combined with structured output (it ends with EOS)")
 
     def resolve(self, defaults: dict[str, Any], max_tokens: int) -> "SamplingParams":
         """A copy with every ``None`` replaced: ``defaults`` first, then neutral values.

@@ -128,7 +128,8 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", 
           "stream_options", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed",
           "logprobs", "top_logprobs", "echo", "logit_bias", "presence_penalty", "frequency_penalty",
           "repetition_penalty", "ignore_eos", "min_tokens", "priority", "offline", "best_of", "tokens",
-          "add_special_tokens", "response_format"]
+          "add_special_tokens", "response_format", "guided_json", "guided_regex", "guided_grammar",
+          "guided_choice", "structured_outputs"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
     | st.text(max_size=12),

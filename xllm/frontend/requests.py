@@ -17,16 +17,19 @@ from typing import Any
 import msgspec
 
 from ..protocol import ChatMessage, GenerateRequest, InvalidParam, SamplingParams
+from ..structured import GrammarCompiler
 from .tokenizer import ModelTokenizer
 
 
 class RequestChecker:
-    """Validates and tokenizes requests for one model. Thread-safe (it keeps no state)."""
+    """Validates and tokenizes requests for one model. Thread-safe (its one state, the
+    grammar compiler, is built on the first structured request and caches by itself)."""
 
     def __init__(self, tok: ModelTokenizer, max_model_len: int, vocab_size: int) -> None:
         self.tok = tok
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self._grammars: GrammarCompiler | None = None
 
     # -- size, before any work ----------------------------------------------------------------
     @staticmethod
@@ -92,7 +95,17 @@ class RequestChecker:
         if sp.max_tokens is not None and len(ids) + sp.max_tokens > self.max_model_len:
             raise InvalidParam("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({sp.max_tokens}) "
                                              f"exceeds the model's context of {self.max_model_len}")
+        if sp.structured is not None:
+            self.grammar(sp)
         return sp.resolve(self.tok.sampling_defaults, self.max_model_len - len(ids))
+
+    def grammar(self, sp: SamplingParams) -> None:
+        """Check the request's structured output with the grammar library the workers use:
+        ``InvalidParam("structured", ...)`` naming what it refuses (a schema keyword it
+        cannot enforce, a regex or grammar error). Workers never see a refused one."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tok.hf, self.vocab_size)
+        self._grammars.check(sp.structured)
 
     # -- the tokenize control call ----------------------------------------------------------------
     def tokenize_call(self, args: dict) -> list[int]:

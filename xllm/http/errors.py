@@ -75,8 +75,9 @@ def from_sdk(exc: XllmError) -> ApiError:
     if exc.code == "overloaded":
         return ApiError(429, f"the engine is overloaded: {exc.message}", "queue_full")
     if exc.code in ("bad_request", "control_error"):
-        # the SDK's prompt_token_ids is the API's prompt (as token ids)
-        param = "prompt" if exc.param == "prompt_token_ids" else exc.param
+        # the SDK's prompt_token_ids is the API's prompt (as token ids);
+        # the SDK's structured is one of the API's structured output fields; the message names the problem
+        param = {"prompt_token_ids": "prompt", "structured": "response_format"}.get(exc.param, exc.param)
         return ApiError(400, exc.message.removeprefix("bad_request: "), "bad_request", param)
     if exc.code == "not_found":
         return ApiError(404, exc.message, "not_found")

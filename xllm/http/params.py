@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ApiError
+from .structured import structured_output
 from .schemas import ChatMessageIn, ChatRequest, CompletionRequest, _Sampling
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -58,9 +59,6 @@ def chat_choices(req: ChatRequest) -> list[Choice]:
     """The SDK requests of a chat request."""
     if req.tools:
         raise ApiError(400, "tools are not supported", "unsupported", "tools")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise ApiError(400, "only the text response format is supported", "unsupported",
-                       "response_format")
     k = (req.top_logprobs or 0) if req.logprobs else None
     if req.top_logprobs and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
@@ -126,5 +124,6 @@ def _sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None) -> d
               stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
               min_tokens=req.min_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-              repetition_penalty=req.repetition_penalty, logit_bias=bias, logprobs=logprobs)
+              repetition_penalty=req.repetition_penalty, logit_bias=bias, logprobs=logprobs,
+              structured=structured_output(req))
     return {k: v for k, v in kw.items() if v is not None}

@@ -51,6 +51,13 @@ class _Sampling(msgspec.Struct, kw_only=True):
     stop_token_ids: list[Count] | None = None
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # each choice (and stream chunk) carries its output token ids
+    # structured output (xllm.http.structured): at most one of these asks for a constraint
+    response_format: dict[str, Any] | None = None  # OpenAI's: text, json_object, json_schema
+    guided_json: Any = None  # vLLM's: a JSON schema (an object or its JSON text)
+    guided_regex: str | None = None
+    guided_grammar: str | None = None  # a Lark grammar
+    guided_choice: list[str] | None = None  # the output is one of these strings
+    structured_outputs: dict[str, Any] | None = None  # vLLM's newer {json|regex|grammar|choice|json_object}
     # xllm extensions
     priority: Int32 = 0  # lower runs first under the priority policy
     offline: bool = False  # only uses spare capacity
@@ -90,7 +97,6 @@ class ChatRequest(_Sampling, kw_only=True):
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
     tools: list[Any] | None = None  # not served: refused when not empty
-    response_format: dict[str, Any] | None = None  # only {"type": "text"} is served
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):

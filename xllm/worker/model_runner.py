@@ -23,6 +23,7 @@ from ..models.loader import iter_weights
 from ..models.registry import model_class
 from ..models.spec import DecoderSpec
 from ..protocol import SamplingParams, StepPlan, StepResult
+from .grammar import GrammarRows
 from .graph_runner import DecodeGraphs
 from .kv_cache import allocate_kv_cache
 from .logits_processors import apply_processors
@@ -81,6 +82,9 @@ class ModelRunner:
         self.kv_pool = allocate_kv_cache(self.model.attention_layers(), cache_cfg.num_blocks + 1,
                                          self.block_size, self.dtype, shared_kv)
         self.sampler = Sampler(model_cfg.seed)
+        # NOTE: only rank 0 constrains its samples; the other ranks take its tokens
+        self.grammars = GrammarRows(lambda: _grammar_compiler(model_cfg.path, self.spec.vocab_size),
+                                    enabled=tp.rank == 0)
         self.requests: dict[str, RequestState] = {}
         self.graphs: DecodeGraphs | None = None
         if graph_buckets:
@@ -92,6 +96,7 @@ class ModelRunner:
     def _apply_plan_state(self, plan: StepPlan) -> None:
         for rid in plan.finished_req_ids:
             self.requests.pop(rid, None)
+            self.grammars.drop(rid)
         for new in plan.new_requests:
             seed = new.sampling.seed
             gen = torch.Generator() if seed is not None else None  # seeded per token: seed_for_token
@@ -101,6 +106,8 @@ class ModelRunner:
             self.requests[new.req_id] = RequestState(list(new.token_ids), list(new.block_ids), sp, gen,
                                                      new.num_prompt_tokens, list(new.eos_token_ids),
                                                      has_proc)
+            self.grammars.add(new.req_id, sp.structured, new.token_ids[new.num_prompt_tokens:],
+                              [*new.eos_token_ids, *sp.stop_token_ids])
         for rid, blocks in plan.new_block_ids.items():
             self.requests[rid].block_ids.extend(blocks)
 
@@ -117,6 +124,7 @@ class ModelRunner:
         raw = logits[want_lp].clone() if want_lp else None
         if any(s.has_processors for s in states):
             apply_processors(logits, states)
+        self.grammars.mask(logits, req_ids)
         for s in states:
             if s.generator is not None:
                 seed_for_token(s.generator, s.sampling.seed, len(s.token_ids) - s.num_prompt_tokens)
@@ -125,6 +133,7 @@ class ModelRunner:
         sampled = self.sampler(logits, batch)
         self.tp.broadcast(sampled)  # every rank keeps rank 0's tokens, whatever its own floats said
         tokens = sampled.tolist()
+        self.grammars.advance(req_ids, tokens)
         for state, tok in zip(states, tokens):
             state.token_ids.append(tok)
         result = StepResult(plan.step_id, req_ids, tokens, 0.0)
@@ -227,3 +236,11 @@ class ModelRunner:
         for i in np.nonzero(~decode)[0].tolist():
             meta.prefills.append(PrefillSpan(int(starts[i]), int(n_sched[i]), int(n_comp[i]), table_t[i]))
         return meta
+
+
+def _grammar_compiler(model_path: str, vocab_size: int):
+    """The structured-output compiler for the served model's tokenizer."""
+    from ..models.loader import load_tokenizer
+    from ..structured import GrammarCompiler
+
+    return GrammarCompiler(load_tokenizer(model_path), vocab_size)
