@@ -105,6 +105,8 @@ class HttpConfig:
     request_timeout_s: float = 600.0  # a request still running after this is aborted (408)
     max_concurrent_requests: int = 0  # HTTP requests in flight at most (more get 429); 0: no cap
     api_key: str = ""  # every route but /health needs "Authorization: Bearer <key>"; "": no key
+    tool_call_parser: str = ""  # how tool calls are read out of replies (xllm.chat.tool_parsers); "": off
+    reasoning_parser: str = ""  # how <think> parts become reasoning_content (xllm.chat.reasoning); "": off
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -115,6 +117,12 @@ class HttpConfig:
             raise ValueError("request_timeout_s must be positive")
         if self.max_concurrent_requests < 0:
             raise ValueError("max_concurrent_requests must be >= 0 (0: no cap)")
+        from .chat import reasoning, tool_parsers
+
+        if self.tool_call_parser:
+            tool_parsers.tool_parser(self.tool_call_parser)  # ValueError naming the known ones
+        if self.reasoning_parser:
+            reasoning.reasoning_parser(self.reasoning_parser)
 
 
 @dataclass(frozen=True)

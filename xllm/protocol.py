@@ -131,11 +131,29 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
         )
 
 
+class ToolCallFunction(msgspec.Struct, forbid_unknown_fields=True):
+    """The function a tool call names, with its arguments as JSON text (as OpenAI sends them)."""
+
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(msgspec.Struct, forbid_unknown_fields=True):
+    """A tool call an assistant turn made, fed back through the chat template."""
+
+    id: str
+    function: ToolCallFunction
+    type: str = "function"
+
+
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     """One turn of a chat conversation, rendered by the model's chat template."""
 
     role: str
-    content: str
+    content: str = ""
+    tool_calls: list[ToolCall] = []  # an assistant turn's calls
+    tool_call_id: str | None = None  # a "tool" turn: the call it answers
+    name: str | None = None  # a "tool" turn: the function's name (some templates show it)
 
 
 # --------------------------------------------------------------------------------------
@@ -178,6 +196,7 @@ class GenerateRequest(msgspec.Struct, tag="generate", forbid_unknown_fields=True
     priority: int = 0  # lower runs first under the `priority` policy
     offline: bool = False  # offline requests only use spare capacity
     add_special_tokens: bool = True  # BOS etc. for raw text prompts
+    tools: list[dict[str, Any]] = []  # OpenAI function definitions, given to the chat template
 
 
 class AbortRequest(msgspec.Struct, tag="abort"):

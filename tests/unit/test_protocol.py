@@ -38,6 +38,8 @@ def strategy_for(cls):
             fields[name] = json_value
         elif hint == dict[str, typing.Any]:
             fields[name] = st.dictionaries(text, json_value, max_size=3)
+        elif hint == list[dict[str, typing.Any]]:
+            fields[name] = st.lists(st.dictionaries(text, json_value, max_size=3), max_size=2)
         elif hint == dict[int, float]:
             fields[name] = st.dictionaries(small, st.floats(-100, 100), max_size=3)
         elif isinstance(hint, type) and issubclass(hint, msgspec.Struct):  # a message inside a message
@@ -49,7 +51,7 @@ def strategy_for(cls):
 
 MESSAGES = sorted({cls for union in P.ALL_UNIONS.values() for cls in typing.get_args(union)},
                   key=lambda c: c.__name__)
-for cls in [P.SamplingParams, P.ChatMessage, P.NewRequestData, P.RequestDelta, P.TokenLogprob, *MESSAGES]:
+for cls in [P.SamplingParams, P.ChatMessage, P.ToolCall, P.ToolCallFunction, P.NewRequestData, P.RequestDelta, P.TokenLogprob, *MESSAGES]:
     st.register_type_strategy(cls, strategy_for(cls))
 
 

@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--api-key", default=None,
                    help="every HTTP route but /health needs 'Authorization: Bearer KEY' (default: "
                         "$XLLM_API_KEY, which ps does not show; none: no key)")
+    h.add_argument("--tool-call-parser", default="", choices=["", "hermes", "llama3_json"],
+                   help="read tool calls out of chat replies in this format (tool_choice auto); "
+                        "hermes: <tool_call>{...}</tool_call> (Hermes, Qwen); llama3_json: Llama 3.x JSON")
+    h.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility: --tool-call-parser alone turns auto on")
+    h.add_argument("--reasoning-parser", default="", choices=["", "deepseek_r1", "qwen3"],
+                   help="split <think>...</think> off chat replies as reasoning_content")
     d = p.add_argument_group("deployment")
     d.add_argument("--address", default=DEFAULT_ADDRESS,
                    help="where SDK clients connect (tcp://HOST:PORT or ipc://PATH)")
@@ -201,7 +208,8 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                                 shm_collectives=not args.no_shm_collectives),
         http=HttpConfig(host=args.http_host, port=args.http_port, max_body_bytes=args.max_body_bytes,
                         request_timeout_s=args.request_timeout,
-                        max_concurrent_requests=args.http_max_concurrent, api_key=api_key),
+                        max_concurrent_requests=args.http_max_concurrent, api_key=api_key,
+                        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser),
         router=RouterConfig(policy=args.router_policy, pd_short_prompt=args.pd_short_prompt),
     )
 

@@ -38,7 +38,7 @@ class RequestChecker:
         if req.prompt is not None:
             return len(req.prompt)
         if req.messages is not None:
-            return sum(len(m.content) + len(m.role) for m in req.messages)
+            return message_chars(req.messages) + (len(msgspec.json.encode(req.tools)) if req.tools else 0)
         return len(req.prompt_token_ids or ())
 
     def before_tokenizing(self, req: GenerateRequest) -> None:
@@ -62,7 +62,7 @@ class RequestChecker:
         if req.prompt is not None:
             ids = self.tok.encode(req.prompt, req.add_special_tokens)
         elif req.messages is not None:
-            ids = self.tok.apply_chat(req.messages)
+            ids = self.tok.apply_chat(req.messages, req.tools)
         else:
             ids = self.token_list(req.prompt_token_ids, "prompt_token_ids")
         if not ids:
@@ -115,7 +115,10 @@ class RequestChecker:
                 messages = msgspec.convert(args["messages"], list[ChatMessage])
             except msgspec.ValidationError as exc:
                 raise InvalidParam("messages", f"messages must be a list of {{role, content}}: {exc}") from None
-            size = sum(len(m.content) + len(m.role) for m in messages)
+            tools = args.get("tools") or []
+            if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+                raise InvalidParam("tools", "tools must be a list of function definitions")
+            size = message_chars(messages) + len(msgspec.json.encode(tools))
         else:
             prompt = args.get("prompt")
             if not isinstance(prompt, str):
@@ -126,5 +129,11 @@ class RequestChecker:
             raise InvalidParam("prompt", f"the text is far longer than the model's context of "
                                          f"{self.max_model_len} tokens ({size} characters)")
         if "messages" in args:
-            return self.tok.apply_chat(messages)
+            return self.tok.apply_chat(messages, tools)
         return self.tok.encode(prompt, bool(args.get("add_special_tokens", True)))
+
+
+def message_chars(messages: list[ChatMessage]) -> int:
+    """The characters a conversation brings (what bounds its token count)."""
+    return sum(len(m.content) + len(m.role) + sum(len(c.function.name) + len(c.function.arguments)
+                                                  for c in m.tool_calls) for m in messages)

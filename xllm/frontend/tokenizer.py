@@ -58,17 +58,17 @@ class ModelTokenizer:
         # text tokenized on a helper thread leaves the frontend's loop running
         return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
-    def render_chat(self, messages: list[ChatMessage]) -> str:
-        """The conversation through the chat template, ready for the assistant's turn."""
+    def render_chat(self, messages: list[ChatMessage], tools: list[dict] | None = None) -> str:
+        """The conversation through the chat template, ready for the assistant's turn;
+        ``tools`` (OpenAI function definitions) go to the template as its ``tools``."""
         if not getattr(self.hf, "chat_template", None):
             raise ValueError("this model has no chat template; send a prompt instead")
-        return self.hf.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            tokenize=False, add_generation_prompt=True)
+        return self.hf.apply_chat_template([template_message(m) for m in messages], tools=tools or None,
+                                           tokenize=False, add_generation_prompt=True)
 
-    def apply_chat(self, messages: list[ChatMessage]) -> list[int]:
+    def apply_chat(self, messages: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
         # NOTE: the template already wrote BOS and the like; do not add them twice.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, tools), add_special_tokens=False)
 
     def surely_longer_than(self, num_chars: int, max_tokens: int) -> bool:
         """True when a text of ``num_chars`` characters certainly has more than
@@ -82,6 +82,27 @@ class ModelTokenizer:
     def decode_one(self, token_id: int) -> str:
         """One token's text on its own (for logprobs)."""
         return self.hf.decode([token_id], skip_special_tokens=False)
+
+
+def template_message(m: ChatMessage) -> dict:
+    """A message as Hugging Face chat templates read it: tool calls' arguments as objects."""
+    out: dict = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": c.type,
+                              "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                             for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # not JSON: the template shows it as it came
 
 
 def chars_per_token_bound(backend) -> float | None:

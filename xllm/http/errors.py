@@ -19,7 +19,8 @@ _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_
           408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
           499: "client_closed_request", 500: "internal_error", 503: "service_unavailable"}
 T = TypeVar("T")
-_PATH = re.compile(r"at `\$\.?([^`]*)`|field `([^`]*)`")
+_AT = re.compile(r"at `\$\.?([^`]*)`")
+_FIELD = re.compile(r"field `([^`]*)`")
 
 
 class ApiError(Exception):
@@ -59,8 +60,7 @@ def decode_body(raw: bytes, cls: type[T]) -> T:
     except RecursionError:
         raise ApiError(400, "the request body nests too deeply", "too_deep") from None
     except msgspec.ValidationError as exc:
-        m = _PATH.search(str(exc))
-        param = (m.group(1) or m.group(2)) if m else None
+        param = _param(str(exc))
         raise ApiError(400, f"invalid request body: {exc}", "invalid_type", param or None) from None
     except msgspec.DecodeError as exc:
         try:
@@ -68,6 +68,13 @@ def decode_body(raw: bytes, cls: type[T]) -> T:
         except UnicodeDecodeError:
             raise ApiError(400, "the request body is not valid UTF-8", "invalid_encoding") from None
         raise ApiError(400, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+
+
+def _param(message: str) -> str | None:
+    """The request field a msgspec validation error points at: its path, then the field it names."""
+    at, field = _AT.search(message), _FIELD.search(message)
+    parts = [p for p in (at.group(1) if at else "", field.group(1) if field else "") if p]
+    return ".".join(parts) or None
 
 
 def from_sdk(exc: XllmError) -> ApiError:

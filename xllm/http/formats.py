@@ -11,6 +11,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from ..chat.reasoning import ReasoningParser, ReasoningStream
+from ..chat.tool_parsers import ToolCallStream, ToolParser, message_fields
 from ..protocol import RequestDelta, TokenLogprob
 from .params import Choice
 
@@ -149,12 +151,60 @@ class CompletionFormat(Format):
                 "model": self.model, "choices": choices, "usage": self.usage()}
 
 
+class ReplyReader:
+    """Reads one chat choice's text as a client expects it: the reasoning part split off
+    (``reasoning_content``), tool calls parsed out (``tool_calls``), the rest ``content``."""
+
+    def __init__(self, tools: ToolParser | None, reasoning: ReasoningParser | None) -> None:
+        self.tools, self.reasoning = tools, reasoning
+        self._tool_stream = ToolCallStream(tools) if tools else None
+        self._reasoning_stream = ReasoningStream(reasoning) if reasoning else None
+
+    def feed(self, text: str, final: bool) -> dict:
+        """The stream delta's fields for ``text`` (``final``: the choice ended)."""
+        delta: dict = {}
+        content = text
+        if self._reasoning_stream is not None:
+            thought, content = self._reasoning_stream.feed(text, final)
+            if thought:
+                delta["reasoning_content"] = thought
+        if self._tool_stream is not None:
+            delta.update(self._tool_stream.feed(content, final))
+        elif content:
+            delta["content"] = content
+        return delta
+
+    @property
+    def made_calls(self) -> bool:
+        return self._tool_stream is not None and self._tool_stream.num_calls > 0
+
+    def message(self, text: str) -> dict:
+        """The non-streaming message's fields for the whole text."""
+        out: dict = {}
+        if self.reasoning is not None:
+            thought, text = self.reasoning.split(text, True)
+            out["reasoning_content"] = thought or None
+        if self.tools is not None:
+            out.update(message_fields(self.tools, text))
+        else:
+            out["content"] = text
+        return out
+
+
 class ChatFormat(Format):
     """``/v1/chat/completions`` bodies; logprobs as ``{"content": [{token, logprob, bytes,
-    top_logprobs}]}``."""
+    top_logprobs}]}``; with tool or reasoning parsers, each choice's text goes through a
+    ``ReplyReader``, and a reply with tool calls finishes with ``"tool_calls"``."""
 
     id_prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
+
+    def __init__(self, model: str, choices: list[Choice], top_k: int | None, include_usage: bool = False,
+                 token_ids: bool = False, tools: ToolParser | None = None,
+                 reasoning: ReasoningParser | None = None) -> None:
+        super().__init__(model, choices, top_k, include_usage, token_ids)
+        self.readers = ({i: ReplyReader(tools, reasoning) for i in self.states}
+                        if tools is not None or reasoning is not None else None)
 
     def head(self) -> list[dict]:
         parts = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -162,8 +212,14 @@ class ChatFormat(Format):
         return [self.chunk(parts)]
 
     def chunk_choice(self, index: int, text: str, logprobs: dict | None, reason: str | None) -> dict:
-        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                "finish_reason": reason}
+        if self.readers is None:
+            delta = {"content": text} if text else {}
+        else:
+            reader = self.readers[index]
+            delta = reader.feed(text, reason is not None)
+            if reason == "stop" and reader.made_calls:
+                reason = "tool_calls"
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
     def _logprobs(self, s: ChoiceState, entries: list[TokenLogprob]) -> dict:
         k = self.top_k or 0
@@ -177,8 +233,13 @@ class ChatFormat(Format):
         choices = []
         for index, s in sorted(self.states.items()):
             lp = self._logprobs(s, s.logprobs) if s.logprobs is not None else None
-            choices.append(self._with_ids({"index": index, "message": {"role": "assistant",
-                                                                        "content": "".join(s.text)},
-                                           "logprobs": lp, "finish_reason": s.finish_reason}, s))
+            text, reason = "".join(s.text), s.finish_reason
+            message = {"role": "assistant", "content": text}
+            if self.readers is not None:
+                message.update(self.readers[index].message(text))
+                if reason == "stop" and message.get("tool_calls"):
+                    reason = "tool_calls"
+            choices.append(self._with_ids({"index": index, "message": message, "logprobs": lp,
+                                           "finish_reason": reason}, s))
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.model, "choices": choices, "usage": self.usage()}

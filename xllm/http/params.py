@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .errors import ApiError
 from .structured import structured_output
+from .tools import ToolPlan
 from .schemas import ChatMessageIn, ChatRequest, CompletionRequest, _Sampling
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -55,16 +56,23 @@ def completion_choices(req: CompletionRequest) -> list[Choice]:
     return _fan_out(req, inputs, sampling)
 
 
-def chat_choices(req: ChatRequest) -> list[Choice]:
-    """The SDK requests of a chat request."""
-    if req.tools:
-        raise ApiError(400, "tools are not supported", "unsupported", "tools")
+def chat_choices(req: ChatRequest, plan: ToolPlan | None = None) -> list[Choice]:
+    """The SDK requests of a chat request (``plan``: how it uses its tools)."""
+    plan = plan or ToolPlan()
     k = (req.top_logprobs or 0) if req.logprobs else None
     if req.top_logprobs and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     sampling = _sampling(req, max_tokens, k)
-    return _fan_out(req, [{"messages": chat_messages(req.messages)}], sampling)
+    if plan.structured is not None:
+        if "structured" in sampling:
+            raise ApiError(400, 'tool_choice "required" or a named function cannot be combined with '
+                                "another structured output constraint", "invalid_value", "tool_choice")
+        sampling["structured"] = plan.structured
+    given = {"messages": chat_messages(req.messages)}
+    if plan.tools:
+        given["tools"] = plan.tools
+    return _fan_out(req, [given], sampling)
 
 
 def chat_messages(messages: list[ChatMessageIn]) -> list[dict]:
@@ -77,13 +85,31 @@ def chat_messages(messages: list[ChatMessageIn]) -> list[dict]:
             raise ApiError(400, f"unknown role {m.role!r}; use one of {sorted(ROLES)}",
                            "invalid_value", f"messages[{i}].role")
         if isinstance(m.content, list):
-            if any(part.type != "text" or part.text is None for part in m.content):
-                raise ApiError(400, "only text content parts are supported", "unsupported",
-                               f"messages[{i}].content")
+            for j, part in enumerate(m.content):
+                if part.type != "text" or part.text is None:
+                    what = "image" if "image" in part.type else repr(part.type)
+                    raise ApiError(400, f"{what} content parts are not supported (only text; images "
+                                        "come with multimodal models)", "unsupported",
+                                   f"messages[{i}].content[{j}]")
             content = "\n".join(part.text for part in m.content)
         else:
             content = m.content or ""
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        msg: dict = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise ApiError(400, "only assistant messages carry tool_calls", "invalid_value",
+                               f"messages[{i}].tool_calls")
+            msg["tool_calls"] = [{"id": c.id, "type": c.type,
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                 for c in m.tool_calls]
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise ApiError(400, "a tool message needs the tool_call_id it answers", "invalid_value",
+                               f"messages[{i}].tool_call_id")
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name is not None and m.role == "tool":
+            msg["name"] = m.name
+        out.append(msg)
     return out
 
 

@@ -22,6 +22,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 
+from ..chat.reasoning import reasoning_parser
 from ..config import HttpConfig
 from ..sdk import AsyncClient
 from ..sdk.errors import XllmError
@@ -32,6 +33,7 @@ from .generation import Generation
 from .metrics import Metrics
 from .params import Choice, chat_choices, chat_messages, completion_choices, completion_prompts
 from .schemas import BODIES, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .tools import tool_plan
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,9 +82,12 @@ def build_app(state: ShimState) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         req = await read_body(request, ChatRequest, state.cfg.max_body_bytes)
         check_model(state, req.model)
-        choices = chat_choices(req)
+        plan = tool_plan(req, state.cfg.tool_call_parser)
+        choices = chat_choices(req, plan)
         top_k = (req.top_logprobs or 0) if req.logprobs else None
-        fmt = ChatFormat(state.model, choices, top_k, _usage_asked(req), req.return_token_ids)
+        reasoning = reasoning_parser(state.cfg.reasoning_parser) if state.cfg.reasoning_parser else None
+        fmt = ChatFormat(state.model, choices, top_k, _usage_asked(req), req.return_token_ids,
+                         plan.parser, reasoning)
         return await generate(request, state, fmt, choices, req.stream)
 
     card = {"id": state.model, "object": "model", "created": int(time.time()), "owned_by": "xllm",
@@ -116,7 +121,8 @@ def build_app(state: ShimState) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "give exactly one of prompt or messages", "invalid_value", "prompt")
         args = ({"prompt": req.prompt, "add_special_tokens": req.add_special_tokens}
-                if req.prompt is not None else {"messages": chat_messages(req.messages)})
+                if req.prompt is not None else {"messages": chat_messages(req.messages),
+                                                "tools": [msgspec.to_builtins(t) for t in req.tools or []]})
         return _json(await _call(state, "tokenize", **args))
 
     @app.post("/detokenize", openapi_extra=_body(DetokenizeRequest))

@@ -80,12 +80,45 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class CallFunctionIn(msgspec.Struct):
+    """The function of a tool call an assistant turn made; arguments as JSON text."""
+
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(msgspec.Struct):
+    """A tool call of an assistant turn, as clients send the conversation back."""
+
+    id: str
+    function: CallFunctionIn
+    type: str = "function"
+
+
 class ChatMessageIn(msgspec.Struct):
     """One chat turn as clients send it."""
 
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+
+class FunctionIn(msgspec.Struct):
+    """A function the model may call: its name, description and JSON-schema parameters."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolIn(msgspec.Struct):
+    """One entry of ``tools`` (only ``type: "function"`` exists)."""
+
+    type: str
+    function: FunctionIn
 
 
 class ChatRequest(_Sampling, kw_only=True):
@@ -96,7 +129,9 @@ class ChatRequest(_Sampling, kw_only=True):
     max_completion_tokens: Count | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
-    tools: list[Any] | None = None  # not served: refused when not empty
+    tools: list[ToolIn] | None = None  # functions the model may call (xllm.http.tools)
+    tool_choice: str | dict[str, Any] | None = None  # none, auto, required, or {"type": "function", ...}
+    parallel_tool_calls: bool = True  # accepted; the parsers return every call the reply holds
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -105,6 +140,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageIn] | None = None
+    tools: list[ToolIn] | None = None  # rendered by the chat template with the messages
     add_special_tokens: bool = True
 
 

@@ -90,9 +90,12 @@ class AsyncClient:
     # -- requests -------------------------------------------------------------------------
     def _request(self, prompt, prompt_token_ids, messages, sampling: dict, priority: int,
                  offline: bool, stream: bool, req_id: str | None,
-                 params: SamplingParams | None = None) -> GenerateRequest:
+                 params: SamplingParams | None = None, tools: list | None = None) -> GenerateRequest:
         if messages is not None:
-            messages = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in messages]
+            try:
+                messages = [m if isinstance(m, ChatMessage) else msgspec.convert(m, ChatMessage) for m in messages]
+            except msgspec.ValidationError as exc:
+                raise TypeError(f"bad chat message: {exc}") from None
         if params is not None and sampling:
             raise TypeError("give either params= or sampling keywords, not both")
         if params is None:
@@ -101,30 +104,31 @@ class AsyncClient:
             except msgspec.ValidationError as exc:
                 raise TypeError(f"bad sampling parameter: {exc}") from None
         return GenerateRequest(req_id or f"{self._prefix}-{next(self._ids)}", prompt, prompt_token_ids,
-                               messages, params, stream, priority, offline)
+                               messages, params, stream, priority, offline, tools=list(tools or []))
 
     async def stream(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
                      messages: list | None = None, priority: int = 0, offline: bool = False,
                      req_id: str | None = None, params: SamplingParams | None = None,
-                     **sampling: Any) -> AsyncIterator[RequestDelta]:
+                     tools: list | None = None, **sampling: Any) -> AsyncIterator[RequestDelta]:
         """Yield a ``RequestDelta`` per engine step until the request finishes.
 
         Sampling keywords are the fields of ``SamplingParams`` (``max_tokens``,
         ``temperature``, ``seed``, ``stop``...), or ``params=`` gives a whole
-        ``SamplingParams``. Leaving the loop early aborts the request.
+        ``SamplingParams``. ``tools`` (OpenAI function definitions) go to the chat template
+        with ``messages``. Leaving the loop early aborts the request.
         """
         req = self._request(prompt, prompt_token_ids, messages, sampling, priority, offline, True, req_id,
-                            params)
+                            params, tools)
         async for delta in self._run(req):
             yield delta
 
     async def generate(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
                        messages: list | None = None, priority: int = 0, offline: bool = False,
                        req_id: str | None = None, params: SamplingParams | None = None,
-                       **sampling: Any) -> Completion:
+                       tools: list | None = None, **sampling: Any) -> Completion:
         """Run one request to the end and return its whole output."""
         req = self._request(prompt, prompt_token_ids, messages, sampling, priority, offline, False, req_id,
-                            params)
+                            params, tools)
         deltas = [d async for d in self._run(req)]
         last = deltas[-1]
         return Completion(req.req_id, "".join(d.text for d in deltas),
