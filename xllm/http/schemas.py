@@ -131,7 +131,7 @@ class ChatRequest(_Sampling, kw_only=True):
     top_logprobs: TopLogprobs | None = None
     tools: list[ToolIn] | None = None  # functions the model may call (xllm.http.tools)
     tool_choice: str | dict[str, Any] | None = None  # none, auto, required, or {"type": "function", ...}
-    parallel_tool_calls: bool = True  # accepted; the parsers return every call the reply holds
+    parallel_tool_calls: bool = True  # false: at most one call (xllm/http/tools.py)
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
