@@ -65,9 +65,13 @@ def test_smollm2_gguf_equals_transformers(smollm2, tmp_path, dtype):
     with launch(smollm2, tmp_path, "--dtype", dtype, "--enforce-eager") as dep:
         by_messages, by_ids = asyncio.run(_chat_both_ways(dep.address, prompts))
     for prompt, m, i in zip(prompts, by_messages, by_ids):
-        assert m.num_prompt_tokens == len(prompt) and m.token_ids == i.token_ids  # the template renders alike
-        assert_greedy_equal(str(path), prompt, i.token_ids, hf_greedy(str(path), prompt, 32, DTYPES[dtype]),
-                            DTYPES[dtype])
+        assert m.num_prompt_tokens == len(prompt)
+        ref = hf_greedy(str(path), prompt, 32, DTYPES[dtype])
+        # Both ways equal the reference on the reference's prompt ids, so the template renders alike. They are
+        # compared to it one by one, not to each other: the two runs batch differently, and in bf16 a near tie
+        # may go either way between batch shapes.
+        assert_greedy_equal(str(path), prompt, i.token_ids, ref, DTYPES[dtype])
+        assert_greedy_equal(str(path), prompt, m.token_ids, ref, DTYPES[dtype])
     assert "Paris" in by_messages[0].text
 
 
