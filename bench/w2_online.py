@@ -33,10 +33,13 @@ GOOD_FRACTION = 0.9
 
 
 async def http_request(session: aiohttp.ClientSession, url: str, model: str, req: BenchRequest,
-                       timeout: float = 600.0) -> RequestRecord:
-    """POST one streamed completion; one chunk per SSE event that carries a choice."""
+                       timeout: float = 600.0, extra: dict | None = None) -> RequestRecord:
+    """POST one streamed completion; one chunk per SSE event that carries a choice.
+
+    ``extra``: more body fields, for a server that needs its own (llama.cpp's).
+    """
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     rec = RequestRecord(len(req.prompt), time.perf_counter())
     usage = None
     try:
@@ -60,7 +63,7 @@ async def http_request(session: aiohttp.ClientSession, url: str, model: str, req
 
 
 async def run_rate(url: str, model: str, requests: list[BenchRequest], rate: float, seed: int,
-                   max_seconds: float) -> tuple[list[RequestRecord], float]:
+                   max_seconds: float, extra: dict | None = None) -> tuple[list[RequestRecord], float]:
     """Send ``requests`` at Poisson ``rate``; records and the duration (first send → last token)."""
     offsets = poisson_offsets(len(requests), rate, seed)
     bar = progress(len(requests), f"rate {rate:g}/s")
@@ -72,7 +75,7 @@ async def run_rate(url: str, model: str, requests: list[BenchRequest], rate: flo
             left = t0 + max_seconds - time.perf_counter()
             if left <= 0:
                 return None  # never sent: the run is over
-            rec = await http_request(session, url, model, req, left)  # ends at the run's deadline
+            rec = await http_request(session, url, model, req, left, extra)  # ends at the run's deadline
             bar.update(1)
             return rec
 

@@ -16,7 +16,6 @@ import random
 import shlex
 import statistics
 import sys
-import time
 
 import torch
 import uvloop
@@ -25,18 +24,8 @@ from xllm.sdk import AsyncClient
 
 from .common import (BenchRequest, add_launch_args, base_parser, random_prompt, report, resolve_model, table,
                      vocab_size)
+from .bounds import read_bandwidth
 from .drive import deployment, stream_request, warm_up
-
-
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second of summing a ``gib`` GiB float32 tensor (best of ``repeats``)."""
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
 
 
 def decode_weight_bytes(model) -> int:

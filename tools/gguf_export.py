@@ -3,7 +3,7 @@
 The layout follows llama.cpp's converter: metadata under ``<arch>.*``, the byte-level BPE
 tokenizer as ``tokenizer.ggml.*`` (tokens, merges, token types, special ids, chat
 template), tensors under GGUF names, Llama's Q/K rows reordered for its RoPE, matrices
-quantized (``Q8_0`` by default), norms and biases in F32.
+quantized (``Q8_0`` by default; ``Q4_0``, ``BF16``, ``F32``), norms and biases in F32.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 
 _NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
           "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -86,7 +86,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "Q8_0"
     for path in sorted(model_dir.glob("*.safetensors")):
         tensors.update(load_file(str(path)))
     for name, t in tensors.items():
-        t = t.astype(np.float32)
+        t = t.float().numpy()
         if arch == "llama" and name.endswith("q_proj.weight"):
             t = permute(t, heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):

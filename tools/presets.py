@@ -113,6 +113,29 @@ _PRESET_LIST = [
             "tie_word_embeddings": False,
         }),
     ),
+    # llama-110m without GQA (as many KV heads as heads): the shape of the llama.cpp comparison.
+    Preset(
+        name="llama-110m-mha",
+        model_type="llama",
+        architecture="LlamaForCausalLM",
+        tokenizer_family="llama3",
+        dtype="bfloat16",
+        init_std=0.02,
+        wide_init=False,
+        config=MappingProxyType({
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 12,
+            "head_dim": 64,
+            "intermediate_size": 2048,
+            "vocab_size": 32000,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+            "tie_word_embeddings": False,
+        }),
+    ),
     # The published Qwen2.5-0.5B(-Instruct) config.json, in transformers 5 names.
     Preset(
         name="qwen2.5-0.5b-shape",
