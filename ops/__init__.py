@@ -3,7 +3,7 @@
 Installed as ``xllm_ops`` (PyPI already has an unrelated top-level ``ops``).
 """
 
-from . import linear
+from . import linear, paged_attention
 from .paged_attention import (
     decode_attention,
     paged_decode_attention,
@@ -19,6 +19,7 @@ def warm_up() -> None:
     from .native import kernels
 
     kernels()
+    paged_attention._native_decode_op()
 
 
 __all__ = ["warm_up", "decode_attention", "linear", "paged_decode_attention", "paged_prefill_attention", "prefill_attention", "write_kv"]

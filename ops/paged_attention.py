@@ -121,19 +121,46 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out.view(kvh, g, t, d).permute(2, 0, 1, 3).reshape(t, h, d).to(q.dtype)
 
 
-@torch.library.custom_op("xllm::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One decode step of a layer as a single opaque op: store the new K/V, attend.
 
     An opaque op lets a compiled graph call attention without tracing its
-    data-dependent context length. q: (B, h, d); k, v: (B, kvh, d) -> (B, h, d).
+    data-dependent context length. q: (B, h, d); k, v: (B, kvh, d) -> (B, h, d). On the
+    CPU with the native kernels it is the C++ op ``xllm_cpu::decode_attention`` (no
+    Python in the call); otherwise the Python op ``xllm::decode_attention``.
     """
+    if q.device.type == "cpu" and _native_decode_op():
+        return torch.ops.xllm_cpu.decode_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables,
+                                                   seq_lens, scale)
+    return decode_attention_torch(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, scale)
+
+
+_NATIVE_DECODE: list[bool] = []
+
+
+def _native_decode_op() -> bool:
+    """Whether ``xllm_cpu::decode_attention`` is there (its shape rule registered once)."""
+    if not _NATIVE_DECODE:
+        native = kernels()
+        if native is not None:
+            @torch.library.register_fake("xllm_cpu::decode_attention")
+            def _(q, k, v, k_cache, v_cache, slots, block_tables, seq_lens, scale):
+                return q.new_empty(q.shape)
+        _NATIVE_DECODE.append(native is not None)
+    return _NATIVE_DECODE[0]
+
+
+@torch.library.custom_op("xllm::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """``decode_attention`` as a Python op (devices without the C++ op)."""
     write_kv(k_cache, v_cache, k, v, slot_mapping)
     return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 
-@decode_attention.register_fake
+@decode_attention_torch.register_fake
 def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, scale):
     return torch.empty_like(q)

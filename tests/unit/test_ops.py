@@ -83,6 +83,32 @@ def test_native_decode_at_serving_shapes(heads, kv_heads, head_dim, dtype):
         torch.testing.assert_close(out[i:i + 1].float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_decode_step_op_equals_the_python_one(dtype):
+    """``xllm_cpu::decode_attention`` (what compiled decode graphs call): the same K/V stored
+    in the same slots and the same output as the Python op, also inside a compiled graph."""
+    from xllm_ops import decode_attention
+    from xllm_ops.paged_attention import decode_attention_torch
+
+    lengths = [1, 17, 40]
+    caches = paged_sequences(lengths, dtype, bs=16, kvh=4, d=64)
+    k_cache, v_cache, tables = caches[0], caches[1], caches[2]
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, n, 64, generator=g).to(dtype) for n in (12, 4, 4))
+    slots = torch.tensor([t[(n - 1) // 16] * 16 + (n - 1) % 16 for t, n in zip(tables, lengths)])
+    lens = torch.tensor(lengths)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref = decode_attention_torch(q, k, v, ref_k, ref_v, slots, table, lens, 0.125)
+    compiled = torch.compile(decode_attention, fullgraph=True)
+    for fn in (decode_attention, compiled):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = fn(q, k, v, kc, vc, slots, table, lens, 0.125)
+        assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("context,chunk", [(0, 7), (5, 1), (8, 6), (13, 9)])
 def test_paged_prefill_attention_over_cached_context(context, chunk):
     k_cache, v_cache, tables, seqs = paged_sequences([context + chunk])

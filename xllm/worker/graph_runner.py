@@ -5,7 +5,7 @@ forward pass (embedding to logits) is compiled once with ``torch.compile`` and r
 over static input buffers taken from one pool sized for the largest bucket, so every
 bucket reads its inputs from the same memory. Padding rows are harmless: they
 attend to, and write their KV into, a scratch block no request owns, and their logits
-are dropped. Attention is one opaque op inside the graph (``xllm::decode_attention``),
+are dropped. Attention is one opaque op inside the graph (``xllm_cpu::decode_attention``, C++),
 so a graph does not depend on the context length.
 
 Compiled artifacts go to inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``,
@@ -109,7 +109,11 @@ class DecodeGraphs:
         self.slots[:n].copy_(slots)
         self.block_tables[:n, :width].copy_(block_tables)
         self.seq_lens[:n].copy_(seq_lens)
-        logits = self._run_bucket(b)[:n]
+        # NOTE: the graphs differ only in batch size and nothing they depend on changes once
+        # warmed up (weights, buffers, caches), so only the guards that tell the buckets
+        # apart run: evaluating all of them costs about 0.6 ms a step here.
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            logits = self._run_bucket(b)[:n]
         self.runs[b] += 1
         if self.runs[b] == 1:
             log.info("decode graph for batch size %d in use", b)
