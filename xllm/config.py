@@ -58,6 +58,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # tokens per step at most (the chunked-prefill budget)
     policy: str = "fcfs"
     async_scheduling: bool = True  # plan step N+1 while the workers run step N
+    stream_interval: int = 1  # steps of decode output sent as one message (first and last token at once)
     max_queued_requests: int = 10_000  # more waiting requests than this are refused
     worker_stall_timeout_s: float = 10.0  # a step or a silent worker past this: health fails
     kv_transfer_timeout_s: float = 30.0  # PD: a transfer not done by then is cancelled (decode recomputes)
@@ -70,6 +71,8 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.worker_stall_timeout_s <= 0:
             raise ValueError("worker_stall_timeout_s must be positive")
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from ..protocol import (
 )
 from .health import PING_INTERVAL_S, WorkerWatch
 from .scheduler import Scheduler, StepOutputs
+from .stream import StreamBuffer
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class SchedulerActor(Actor):
         self.core = Scheduler(cfg.scheduler, cfg.cache, cfg.model.max_model_len)
         self.depth = 2 if cfg.scheduler.async_scheduling else 1
         self.in_flight = 0
+        self.stream = StreamBuffer(cfg.scheduler.stream_interval)
         self.watch = WorkerWatch(self.instance.tp_size, cfg.scheduler.worker_stall_timeout_s)
         self.incarnation = uuid.uuid4().hex[:12]  # a restarted instance is a new incarnation
         self.routes: dict[str, Channel] = {}  # address -> PUSH (frontends, routers)
@@ -123,7 +125,11 @@ class SchedulerActor(Actor):
             if self.watch.ping_due():
                 for ch in self.plans:
                     await ch.send(ControlCall(0, "ping"))
+            if self.stream and (not self.in_flight or self.stream.due(time.monotonic())):
+                await self._send_outputs(self.stream.step_id, self.stream.take())  # nothing more is coming soon
             wait = LOAD_REPORT_S if self.in_flight else min(LOAD_REPORT_S, PING_INTERVAL_S)
+            if (deadline := self.stream.deadline()) is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
             await self.poller.poll(int(wait * 1000))
 
     async def _flush_kv(self, step_id: int | None = None) -> None:
@@ -267,6 +273,10 @@ class SchedulerActor(Actor):
         return ch
 
     async def _emit(self, step_id: int, out: StepOutputs) -> None:
+        """A step's outputs: to the frontends now, or held for the stream interval."""
+        await self._send_outputs(step_id, self.stream.add(step_id, out, time.monotonic()))
+
+    async def _send_outputs(self, step_id: int, out: StepOutputs) -> None:
         if out.rows:
             for route, batch in out.to_batches(step_id, self.instance.id).items():
                 ch = self._route(route)  # checked when the request came
