@@ -88,6 +88,15 @@ def test_stop_strings_and_stop_token_ids(deployment):
     assert cut.text == base.text[: base.text.index(stop)]
     assert "".join(d.text for d in streamed) == cut.text
     assert streamed[-1].finish_reason == "stop"
+    # the tokens end at the one that completes the stop string, even when several come in one
+    # message (--stream-interval): none after it is counted or returned
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(deployment.model_path)
+    n = len(cut.token_ids)
+    assert cut.token_ids == base.token_ids[:n]
+    assert stop in tok.decode(cut.token_ids) and stop not in tok.decode(cut.token_ids[:-1])
+    assert sum(len(d.token_ids) for d in streamed) == n
     first = base.token_ids.index(base.token_ids[5])
     assert by_id.token_ids == base.token_ids[: first + 1] and by_id.finish_reason == "stop"
 

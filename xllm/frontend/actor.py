@@ -287,7 +287,7 @@ class FrontendActor(Actor):
                 if reason is not None:
                     self._close(rid)
                 continue
-            text, hit_stop = stream.detok.feed(tokens)
+            text, hit_stop, tokens, lps = self._detokenize(stream, tokens, lps)
             if hit_stop:
                 stream.stopped = True
                 reason = "stop"
@@ -306,6 +306,22 @@ class FrontendActor(Actor):
                 per_client.setdefault(stream.client, []).append(delta)
         for client, deltas in per_client.items():
             await self._reply(client, RequestOutputs(deltas))
+
+    @staticmethod
+    def _detokenize(stream: Stream, tokens: list[int], lps):
+        """(text, stop string hit, tokens, logprobs) of one row. A row may hold several
+        tokens (``--stream-interval``): with stop strings they are fed one by one, and the
+        tokens after the one that completes a stop string are dropped, as if each had
+        come alone."""
+        if len(tokens) < 2 or not stream.detok.stop:
+            return (*stream.detok.feed(tokens), tokens, lps)
+        text = ""
+        for i, token in enumerate(tokens):
+            piece, hit = stream.detok.feed([token])
+            text += piece
+            if hit:
+                return text, True, tokens[:i + 1], lps[:i + 1] if lps is not None else None
+        return text, False, tokens, lps
 
     def _delta(self, s: Stream, text: str, tokens: list[int], reason: str | None,
                logprobs: list[TokenLogprob] | None) -> RequestDelta | None:
