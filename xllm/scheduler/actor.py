@@ -15,6 +15,7 @@ as they happen (``InstanceLoad``, ``KVEventBatch``), and asks it control calls.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 
@@ -61,6 +62,7 @@ class SchedulerActor(Actor):
         self.routers: dict[bytes, str] = {}  # store key -> the router's reports address
         self._next_report = 0.0
         self._next_events = 0.0
+        self._reported_idle = False  # the last load report said: nothing running or waiting
 
     async def setup(self) -> dict:
         plan, inst = self.plan, self.instance.id
@@ -130,7 +132,9 @@ class SchedulerActor(Actor):
             wait = LOAD_REPORT_S if self.in_flight else min(LOAD_REPORT_S, PING_INTERVAL_S)
             if (deadline := self.stream.deadline()) is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
-            await self.poller.poll(int(wait * 1000))
+            if self.core.blocks.events:  # prefix-cache changes wait at most KV_EVENTS_S, idle or not
+                wait = min(wait, max(0.001, self._next_events - time.monotonic()))
+            await self.poller.poll(math.ceil(wait * 1000))
 
     async def _flush_kv(self, step_id: int | None = None) -> None:
         """Send what the core decided about transfers: the step's blocks to push, orders
@@ -166,8 +170,15 @@ class SchedulerActor(Actor):
             await self._to_routers(KVEventBatch(
                 self.instance.id, self.incarnation, [BlockStored(h, p, t) for h, p, t in ev.stored],
                 ev.removed, ev.cleared))
-        if now >= self._next_report:
+        idle = not (self.core.running or self.core.waiting or self.core.receiving)
+        if not idle:
+            self._reported_idle = False
+        if now >= self._next_report or (idle and not self._reported_idle):
+            # NOTE: besides the periodic report, one as soon as the instance runs dry: a
+            # router still seeing the last busy report would send the next turn of a
+            # conversation away from the cache that holds it
             self._next_report = now + LOAD_REPORT_S
+            self._reported_idle = idle
             core, blocks = self.core, self.core.blocks
             finished, core.finished_since_report = core.finished_since_report, []
             await self._to_routers(InstanceLoad(
