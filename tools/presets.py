@@ -7,7 +7,7 @@ family, the saved dtype and the init scale. Configs use transformers 5 names
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -113,29 +113,6 @@ _PRESET_LIST = [
             "tie_word_embeddings": False,
         }),
     ),
-    # llama-110m without GQA (as many KV heads as heads): the shape of the llama.cpp comparison.
-    Preset(
-        name="llama-110m-mha",
-        model_type="llama",
-        architecture="LlamaForCausalLM",
-        tokenizer_family="llama3",
-        dtype="bfloat16",
-        init_std=0.02,
-        wide_init=False,
-        config=MappingProxyType({
-            "hidden_size": 768,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "num_key_value_heads": 12,
-            "head_dim": 64,
-            "intermediate_size": 2048,
-            "vocab_size": 32000,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-            "tie_word_embeddings": False,
-        }),
-    ),
     # The published Qwen2.5-0.5B(-Instruct) config.json, in transformers 5 names.
     Preset(
         name="qwen2.5-0.5b-shape",
@@ -162,6 +139,15 @@ _PRESET_LIST = [
         }),
     ),
 ]
+
+def _variant(base: Preset, name: str, **config: Any) -> Preset:
+    """``base`` under another name with some config fields changed."""
+    return replace(base, name=name, config=MappingProxyType({**base.config, **config}))
+
+
+# llama-110m without GQA (as many KV heads as heads): the shape of the llama.cpp comparison.
+_PRESET_LIST.append(_variant(next(p for p in _PRESET_LIST if p.name == "llama-110m"), "llama-110m-mha",
+                             num_key_value_heads=12))
 
 PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in _PRESET_LIST})
 
