@@ -5,6 +5,11 @@ its own blocked format, packed once at load time (the same thing torch.compile's
 weight freezing does). ``pack`` returns that packed weight, or None where it does not
 apply (other dtypes, other devices, a torch without oneDNN); ``linear`` then falls
 back to ``torch.nn.functional.linear``. Reference: ``F.linear(x, weight, bias)``.
+
+A decode step's linears have a few rows (``SMALL_ROWS`` or fewer): those read the plain
+weight with the C++ ``xllm_cpu::small_linear`` (ops/csrc/gemv.cpp) where the CPU has
+AVX-512 BF16; it streams the weight at about the machine's read bandwidth with no
+per-call primitive lookup (``python -m bench.gemv`` measures both).
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ def _available() -> bool:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A weight in oneDNN's blocked layout, and its handle in the C++ registry (None
-    without the native module) through which a compiled graph reaches it."""
+    """A weight in oneDNN's blocked layout, its handle in the C++ registry (None
+    without the native module) through which a compiled graph reaches it, and whether
+    ``xllm_cpu::small_linear`` takes the layer's decode rows."""
 
     tensor: torch.Tensor
     handle: int | None
+    small: bool = False
 
 
 def pack(weight: torch.Tensor, batch_hint: int = 8) -> PackedWeight | None:
@@ -42,7 +49,24 @@ def pack(weight: torch.Tensor, batch_hint: int = 8) -> PackedWeight | None:
     except RuntimeError:
         return None
     native = _graph_op()
-    return PackedWeight(packed, native.register_packed(packed) if native is not None else None)
+    return PackedWeight(packed, native.register_packed(packed) if native is not None else None, _small_op())
+
+
+SMALL_ROWS = 8
+
+
+@functools.cache
+def _small_op() -> bool:
+    """Whether ``xllm_cpu::small_linear`` runs here (its shape rule registered once)."""
+    native = kernels()
+    if native is None or not native.small_linear_available():
+        return False
+
+    @torch.library.register_fake("xllm_cpu::small_linear")
+    def _(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    return True
 
 
 @functools.cache
@@ -64,6 +88,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None,
     """``x @ weight.T + bias``, from the packed weight when there is one."""
     if packed is None or x.dtype != torch.bfloat16:
         return F.linear(x, weight, bias)
+    if packed.small and x.numel() <= SMALL_ROWS * x.shape[-1]:
+        return torch.ops.xllm_cpu.small_linear(x, weight, bias)
     if torch.compiler.is_compiling():
         if packed.handle is None:
             return F.linear(x, weight, bias)

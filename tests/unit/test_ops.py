@@ -149,3 +149,46 @@ def test_packed_linear_inside_a_compiled_graph():
 
 def test_packing_skips_float32():
     assert linear.pack(torch.randn(4, 4)) is None
+
+
+def _small_linear_or_skip():
+    if not linear._small_op():
+        pytest.skip("no AVX-512 BF16 (or no native module) here: decode linears use oneDNN")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
+@pytest.mark.parametrize("n, k", [(96, 64), (5, 770), (4099, 256)])
+def test_small_linear_matches_f_linear(rows, n, k):
+    """The decode kernel: any row count it takes, K with a tail, N not a multiple of 4, a bias."""
+    _small_linear_or_skip()
+    g = torch.Generator().manual_seed(rows * n + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    ref = F.linear(x.float(), w.float(), b.float())
+    out = torch.ops.xllm_cpu.small_linear(x, w, b)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+    # the sum is fp32 over exact bf16 products; only the output's bf16 rounding differs
+    torch.testing.assert_close(out.float(), ref, atol=1e-3 * math.sqrt(k), rtol=8e-3)
+
+
+def test_small_linear_rows_do_not_depend_on_the_batch():
+    """A sequence's decode logits are the same whichever other rows share its step."""
+    _small_linear_or_skip()
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 768, generator=g).bfloat16()
+    x = torch.randn(16, 768, generator=g).bfloat16()
+    alone = torch.cat([torch.ops.xllm_cpu.small_linear(x[i:i + 1], w, None) for i in range(16)])
+    assert torch.equal(torch.ops.xllm_cpu.small_linear(x, w, None), alone)
+
+
+def test_small_linear_serves_decode_rows_in_and_out_of_a_graph():
+    _small_linear_or_skip()
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    x = torch.randn(linear.SMALL_ROWS, 64, generator=g).bfloat16()
+    packed = linear.pack(w)
+    ref = torch.ops.xllm_cpu.small_linear(x, w, None)
+    assert torch.equal(linear.linear(x, w, packed), ref)
+    fn = torch.compile(lambda t: linear.linear(t, w, packed), fullgraph=True)
+    assert torch.equal(fn(x), ref)
