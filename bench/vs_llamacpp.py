@@ -60,7 +60,10 @@ async def closed_loop(server: Server, requests: list[BenchRequest], clients: int
     queue = list(enumerate(requests))[::-1]
     records: list = [None] * len(requests)
     bar = progress(len(requests), label)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    # NOTE: a new connection per request, for both servers: llama-server closes a kept-alive
+    # connection after a few requests, and a pooled connection it has just closed fails the
+    # next POST with "Can not write request body" (seen at 32 clients)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
         async def client() -> None:
             while queue:
                 i, req = queue.pop()
