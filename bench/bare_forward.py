@@ -121,3 +121,26 @@ def time_decode(model_dir: Path, batch: int, context: int, graphs: bool = True, 
                 warmup: int = 3) -> dict:
     """``DecodeBench.measure`` on a fresh runner of ``batch`` requests at ``context``."""
     return DecodeBench(model_dir, batch, context, iters + warmup, graphs).measure(iters, warmup)
+
+
+def main() -> None:
+    import argparse
+
+    from xllm_tools.cache import ensure_model
+
+    ap = argparse.ArgumentParser(description="median ms of one decode step in process: eager forward, "
+                                 "compiled graph forward, runner step (prints only)")
+    ap.add_argument("--model", default="preset:llama-110m-mha", help="model directory or preset:NAME")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=60)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model = args.model
+    model_dir = ensure_model(model.removeprefix("preset:")) if model.startswith("preset:") else Path(model)
+    result = time_decode(model_dir, args.batch, args.context, iters=args.iters, warmup=5)
+    print(" ".join(f"{k} {v * 1e3:.2f} ms" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()
