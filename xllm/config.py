@@ -58,7 +58,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # tokens per step at most (the chunked-prefill budget)
     policy: str = "fcfs"
     async_scheduling: bool = True  # plan step N+1 while the workers run step N
-    stream_interval: int = 1  # steps of decode output sent as one message (first and last token at once)
+    stream_interval: int = 1  # decode tokens sent as one message (first and last token at once)
+    continuous_decode_steps: int = 1  # decode steps a worker runs from one plan when nothing waits
     max_queued_requests: int = 10_000  # more waiting requests than this are refused
     worker_stall_timeout_s: float = 10.0  # a step or a silent worker past this: health fails
     kv_transfer_timeout_s: float = 30.0  # PD: a transfer not done by then is cancelled (decode recomputes)
@@ -73,6 +74,8 @@ class SchedulerConfig:
             raise ValueError("worker_stall_timeout_s must be positive")
         if self.stream_interval < 1:
             raise ValueError("stream_interval must be at least 1")
+        if self.continuous_decode_steps < 1:
+            raise ValueError("continuous_decode_steps must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,19 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
         yield ("ignore_eos", so is not None and self.ignore_eos,
                "ignore_eos cannot be combined with structured output (it ends with EOS)")
 
+    def finish_reason(self, token: int, num_output_tokens: int, eos_token_ids) -> str | None:
+        """Why a request ends once ``token`` is its ``num_output_tokens``-th output token:
+        "stop" (an EOS or stop id, after ``min_tokens``), "length" (``max_tokens``), or None.
+
+        NOTE: the scheduler and the workers decide with this one rule (a worker that runs
+        several decode steps from one plan stops a request where the scheduler will).
+        """
+        if num_output_tokens >= self.min_tokens and (token in eos_token_ids or token in self.stop_token_ids):
+            return "stop"
+        if self.max_tokens is not None and num_output_tokens >= self.max_tokens:
+            return "length"
+        return None
+
     def resolve(self, defaults: dict[str, Any], max_tokens: int) -> "SamplingParams":
         """A copy with every ``None`` replaced: ``defaults`` first, then neutral values.
         ``max_tokens`` caps the output at what the context leaves."""
@@ -557,9 +570,13 @@ class StepPlan(msgspec.Struct, tag="plan"):
 
     The batch is ``scheduled_req_ids`` in order; request i computes the tokens at
     positions ``num_computed[i] .. num_computed[i] + num_scheduled[i] - 1``. A request
-    samples a token when that range reaches the end of the tokens it knows. For a running
-    request the token at the last position may be a placeholder for the token the previous
-    step samples: the worker fills it from its own output (async scheduling).
+    samples a token at every position of that range from the last token it knows on. For a
+    running request the token at the last known position may be a placeholder for the
+    token the previous step samples: the worker fills it from its own output (async
+    scheduling). A range that goes past the known tokens is a multi-step decode: each
+    sampled token is the input of the next position, and the request stops early where
+    ``SamplingParams.finish_reason`` ends it (the scheduler has allocated KV for the
+    whole range).
     """
 
     step_id: int
@@ -572,13 +589,15 @@ class StepPlan(msgspec.Struct, tag="plan"):
 
 
 class StepResult(msgspec.Struct, tag="result"):
-    """What rank 0 sampled in one step: one token per request that reached its end."""
+    """What rank 0 sampled in one step: ``req_ids[i]`` gained ``token_ids[i]``. A request
+    that sampled several tokens (multi-step decode) appears once per token, in order."""
 
     step_id: int
     req_ids: list[str]
     token_ids: list[int]
     forward_s: float  # time spent in the model forward and sampling
-    # Only when some request asked for logprobs; rows follow ``logprob_req_ids``.
+    # Only when some request asked for logprobs: one row per such token, in the order of
+    # ``req_ids`` (``logprob_req_ids`` names each row's request).
     logprob_req_ids: list[str] = []
     logprobs: np.ndarray | None = None  # (R,) float32, the sampled tokens' logprobs
     top_ids: np.ndarray | None = None  # (R, K) int32, K = the largest k asked for

@@ -15,8 +15,9 @@ from tests.reference import assert_greedy_equal, generate_all, hf_greedy
 def test_graph_mode_matches_transformers(make_tiny, tmp_path):
     path = make_tiny("tiny-qwen2")
     prompts = workload()
-    # max-num-seqs 4: buckets 1, 2, 4; ten requests give every batch size from 4 down to 1
-    with launch(path, tmp_path, "--max-num-seqs", "4", graphs=True) as dep:
+    # max-num-seqs 4: buckets 1, 2, 4; ten requests give every batch size from 4 down to 1;
+    # single decode steps while requests wait, then several per plan (each through the graphs)
+    with launch(path, tmp_path, "--max-num-seqs", "4", "--num-continuous-decode-steps", "3", graphs=True) as dep:
         ours = asyncio.run(generate_all(dep.address, prompts, MAX_TOKENS))
         log = dep.output()
     assert "decode graphs ready for batch sizes [1, 2, 4]" in log

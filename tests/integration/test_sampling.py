@@ -14,10 +14,11 @@ from xllm.sdk import AsyncClient
 PROMPT = [11, 22, 33, 44, 55, 66, 77]
 
 
-@pytest.fixture(scope="module")
-def deployment(make_tiny, tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 4], ids=["single-step", "multi-step"])
+def deployment(request, make_tiny, tmp_path_factory):
     path = make_tiny("tiny-llama")
-    with launch(path, tmp_path_factory.mktemp("sampling")) as dep:
+    steps = ("--num-continuous-decode-steps", str(request.param))
+    with launch(path, tmp_path_factory.mktemp("sampling"), *steps) as dep:
         dep.model_path = path
         yield dep
 

@@ -27,6 +27,9 @@ VARIANTS = {
     "prefill-first": ("--policy", "prefill_first", "--max-num-batched-tokens", "16"),
     "decode-first": ("--policy", "decode_first", "--max-num-batched-tokens", "16"),
     "priority": ("--policy", "priority", "--max-num-seqs", "3"),
+    "multi-step": ("--num-continuous-decode-steps", "5"),
+    "multi-step-sync": ("--num-continuous-decode-steps", "3", "--no-async-scheduling"),
+    "multi-step-preemption": ("--num-continuous-decode-steps", "4", "--num-kv-blocks", "20", "--block-size", "8"),
 }
 
 
@@ -67,8 +70,9 @@ def test_variant_output_equals_the_reference(variant, reference, tmp_path):
         for prompt, out, ref in zip(prompts, outs, refs):
             assert_greedy_equal(path, prompt, out, ref)
     assert integrity["used"] == 0
-    if variant == "preemption":
+    if variant.endswith("preemption"):
         assert stats["num_preemptions"] > 0
+    assert (stats["num_continued_steps"] > 0) == variant.startswith("multi-step")
     if variant in ("prefix-cache", "async", "chunked-7", "preemption"):
         assert (stats["prefix_cache_hits"] > 0) == (variant != "async")
     if variant == "plain":

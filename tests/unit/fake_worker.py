@@ -1,7 +1,8 @@
 """A stand-in for the worker side of the step contract, for scheduler tests.
 
 It keeps per-request tokens exactly as a real worker does and "samples" a token that
-is a pure function of the request's tokens so far, so runs can be compared.
+is a pure function of the request's tokens so far, so runs can be compared. A range past
+the known tokens decodes on (multi-step), stopping where ``finish_reason`` ends it.
 """
 
 from __future__ import annotations
@@ -16,21 +17,31 @@ def next_token(tokens: list[int]) -> int:
 class FakeWorker:
     def __init__(self) -> None:
         self.tokens: dict[str, list[int]] = {}
+        self.requests: dict[str, tuple] = {}  # req id -> (sampling, number of prompt tokens, eos ids)
+        self.done: set[str] = set()
         self.new_seen: list[str] = []  # every NewRequestData received, in order
 
     def execute(self, plan: StepPlan) -> StepResult:
         for rid in plan.finished_req_ids:
             self.tokens.pop(rid, None)
+            self.done.discard(rid)
         for new in plan.new_requests:
             self.tokens[new.req_id] = list(new.token_ids)
+            self.requests[new.req_id] = (new.sampling, new.num_prompt_tokens, new.eos_token_ids)
+            self.done.discard(new.req_id)
             self.new_seen.append(new.req_id)
         ids, toks = [], []
         for rid, n, c in zip(plan.scheduled_req_ids, plan.num_scheduled, plan.num_computed):
             seq = self.tokens[rid]
-            assert c + n <= len(seq), "plan runs past the tokens the worker knows"
-            if c + n == len(seq):
+            if rid in self.done:
+                continue  # it ended in an earlier step; the scheduler drops it when it hears
+            assert c < len(seq), "plan starts past the tokens the worker knows"
+            sampling, n_prompt, eos = self.requests[rid]
+            while rid not in self.done and len(seq) <= c + n:  # position p samples token p + 1
                 tok = next_token(seq)
                 seq.append(tok)
                 ids.append(rid)
                 toks.append(tok)
+                if sampling.finish_reason(tok, len(seq) - n_prompt, eos):
+                    self.done.add(rid)
         return StepResult(plan.step_id, ids, toks, 0.0)

@@ -11,8 +11,9 @@ from xllm.scheduler.scheduler import Scheduler
 from tests.unit.fake_worker import FakeWorker, next_token
 
 
-def make(policy="fcfs", budget=64, seqs=16, blocks=64, bs=4, max_len=512, prefix=True) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, policy=policy),
+def make(policy="fcfs", budget=64, seqs=16, blocks=64, bs=4, max_len=512, prefix=True, steps=1) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, policy=policy,
+                                     continuous_decode_steps=steps),
                      CacheConfig(block_size=bs, num_blocks=blocks, enable_prefix_caching=prefix), max_len)
 
 
@@ -188,3 +189,79 @@ def test_requests_that_can_never_run_are_refused():
             assert str(exc)
         else:
             raise AssertionError(f"{bad.req_id} was accepted")
+
+
+# -- multi-step decode (continuous decode steps) ----------------------------------------------
+
+
+def test_multi_step_decode_gives_the_same_tokens_and_ends_where_single_steps_do():
+    prompts = {f"r{i}": [(i * 5 + j) % 40 + 1 for j in range(2 + 5 * i)] for i in range(5)}
+    toks = {rid: expected(p, 12) for rid, p in prompts.items()}
+    ends = {"r0": dict(eos=[toks["r0"][4]]), "r1": dict(stop_ids=[toks["r1"][6]]), "r2": {}, "r3": {}, "r4": {}}
+    for depth in (1, 2):
+        for policy in ("fcfs", "decode_first"):
+            results = []
+            for steps in (1, 4):
+                s = make(policy=policy, steps=steps, max_len=32)
+                for i, (rid, p) in enumerate(prompts.items()):
+                    s.add_request(req(rid, p, max_tokens=5 if rid == "r2" else 12, t=i, **ends[rid]))
+                outs, reasons, plans = drive(s, FakeWorker(), depth=depth)
+                assert s.blocks.check_integrity()["used"] == 0
+                results.append((outs, reasons))
+            assert results[0] == results[1], (depth, policy)
+            outs, reasons = results[1]
+            assert reasons["r0"] == "stop" and outs["r0"] == toks["r0"][:5]
+            assert reasons["r1"] == "stop" and outs["r1"] == toks["r1"][:7]
+            assert reasons["r2"] == "length" and outs["r2"] == toks["r2"][:5]
+            assert outs["r4"] == toks["r4"][:10] and reasons["r4"] == "length"  # prompt 22 + 10 = the context
+
+
+def test_a_multi_step_plan_is_all_decodes_within_max_tokens_and_the_context():
+    s = make(steps=8, max_len=20, bs=4)
+    w = FakeWorker()
+    s.add_request(req("short", 4, max_tokens=3))
+    s.add_request(req("long", 10, max_tokens=50, t=1))  # the context (20) ends it first
+    plans = []
+    while s.requests:
+        plan = s.schedule()
+        plans.append(plan)
+        s.update(w.execute(plan))
+    first, second = plans[0], plans[1]
+    assert first.num_scheduled == [4, 10]  # prompts: one step each, no extension
+    by_id = dict(zip(second.scheduled_req_ids, second.num_scheduled))
+    assert by_id == {"short": 2, "long": 8}  # short: 3 outputs at most; long: 8 steps
+    assert len(plans) == 3  # long: 1 + 8 + 1 tokens reach the context of 20
+    assert s.stats.num_continued_steps == 7
+    assert s.blocks.check_integrity()["used"] == 0
+
+
+def test_no_multi_step_while_a_request_waits_or_a_prompt_runs():
+    s = make(steps=4, seqs=1)
+    w = FakeWorker()
+    s.add_request(req("a", 4, max_tokens=20))
+    s.update(w.execute(s.schedule()))
+    s.add_request(req("b", 4, max_tokens=20, t=1))  # waits: one sequence at most
+    assert s.schedule().num_scheduled == [1]
+    s2 = make(steps=4)
+    s2.add_request(req("a", 4, max_tokens=20))
+    s2.update(w.execute(s2.schedule()))
+    s2.add_request(req("b", 30, max_tokens=20, t=1))
+    plan = s2.schedule()
+    assert plan.num_scheduled == [1, 30]  # a prompt in the step: one decode step
+    s2.update(w.execute(plan))
+    assert s2.schedule().num_scheduled == [4, 4]
+
+
+def test_multi_step_with_preemption_keeps_every_token():
+    prompts = {r: [(ord(r) * 3 + j) % 90 + 1 for j in range(6)] for r in "abc"}
+    for depth in (1, 2):
+        s = make(blocks=9, bs=4, budget=64, steps=4)
+        w = FakeWorker()
+        for i, (rid, p) in enumerate(prompts.items()):
+            s.add_request(req(rid, p, max_tokens=14, t=i))
+        outs, _, plans = drive(s, w, depth=depth)
+        assert s.stats.num_preemptions > 0
+        assert any(n > 1 for p in plans[1:] for n in p.num_scheduled)
+        for rid, p in prompts.items():
+            assert outs[rid] == expected(p, 14)
+        assert s.blocks.check_integrity()["used"] == 0

@@ -75,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-async-scheduling", action="store_true",
                    help="plan each step only after the previous one finished")
     s.add_argument("--stream-interval", type=int, default=4,
-                   help="decode steps whose new tokens are sent to the client together (the first and last "
-                        "token go at once, nothing waits over 50 ms); 1 sends every token as it is made")
+                   help="decode tokens sent to the client together (the first and last token go at once, "
+                        "nothing waits over 50 ms); 1 sends every token as it is made")
+    s.add_argument("--num-continuous-decode-steps", type=int, default=1,
+                   help="decode steps a worker runs from one plan while no request waits (each token "
+                        "fed back to the next step): the scheduler, frontend and HTTP shim wake once for "
+                        "them; a new request waits at most for the steps in flight")
     s.add_argument("--max-queued-requests", type=int, default=10_000,
                    help="waiting requests beyond this are refused")
     s.add_argument("--worker-stall-timeout", type=float, default=10.0,
@@ -204,6 +208,7 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                                   max_num_batched_tokens=args.max_num_batched_tokens,
                                   policy=args.policy, async_scheduling=not args.no_async_scheduling,
                                   stream_interval=args.stream_interval,
+                                  continuous_decode_steps=args.num_continuous_decode_steps,
                                   max_queued_requests=args.max_queued_requests,
                                   worker_stall_timeout_s=args.worker_stall_timeout,
                                   kv_transfer_timeout_s=args.kv_transfer_timeout,

@@ -23,8 +23,7 @@ class Request:
     """
 
     __slots__ = (
-        "req_id", "prompt_token_ids", "output_token_ids", "sampling", "eos_token_ids",
-        "stop_token_ids", "arrival_time", "priority", "offline", "num_computed_tokens",
+        "req_id", "prompt_token_ids", "output_token_ids", "sampling", "eos_token_ids", "arrival_time", "priority", "offline", "num_computed_tokens",
         "num_placeholders", "block_ids", "block_hashes", "status", "on_worker",
         "num_blocks_sent", "num_cached_blocks", "num_cached_tokens", "finish_reason", "num_preemptions",
         "queue_time", "reply_to", "last_token_time", "remote_prefill", "remote_decode",
@@ -36,7 +35,6 @@ class Request:
         self.output_token_ids: list[int] = []
         self.sampling: SamplingParams = msg.sampling
         self.eos_token_ids = frozenset(msg.eos_token_ids)
-        self.stop_token_ids = frozenset(msg.sampling.stop_token_ids)
         self.arrival_time = msg.arrival_time
         self.priority = msg.priority
         self.offline = msg.offline
@@ -83,12 +81,13 @@ class Request:
     def append_token(self, token: int, max_model_len: int) -> str | None:
         """Record a sampled token; returns the finish reason if the request ends now."""
         self.output_token_ids.append(token)
-        n_out = len(self.output_token_ids)
-        if n_out >= self.sampling.min_tokens:
-            if token in self.eos_token_ids or token in self.stop_token_ids:
-                return "stop"
-        if n_out >= self.sampling.max_tokens:
+        reason = self.sampling.finish_reason(token, len(self.output_token_ids), self.eos_token_ids)
+        if reason is None and self.num_known_tokens >= max_model_len:
             return "length"
-        if self.num_known_tokens >= max_model_len:
-            return "length"
-        return None
+        return reason
+
+    def decode_steps(self, limit: int, max_model_len: int) -> int:
+        """Tokens this decoding request may sample in one multi-step plan: at most
+        ``limit``, and never past ``max_tokens`` or the context (counting in-flight ones)."""
+        return max(1, min(limit, self.sampling.max_tokens - self.num_output_tokens,
+                          max_model_len - self.num_tokens))

@@ -77,6 +77,7 @@ class SchedulerStats:
     total_scheduled_tokens: int = 0
     total_prompt_tokens: int = 0
     total_output_tokens: int = 0
+    num_continued_steps: int = 0  # decode steps workers ran from a plan after its first (multi-step)
     ttft_s: float = 0.0  # moving mean of arrival -> first token
     tpot_s: float = 0.0  # moving mean of the gap between output tokens
 
@@ -163,7 +164,29 @@ class Scheduler(Disaggregation):
             budget = self._admit_waiting(chosen, budget, preempted)
         if not chosen and not self._drop_on_worker:
             return None
+        if self.cfg.continuous_decode_steps > 1 and not self.waiting:
+            chosen = self._continue_decodes(chosen, self.cfg.max_num_batched_tokens)
         return self._make_plan(chosen)
+
+    def _continue_decodes(self, chosen: list[tuple[Request, int]], budget: int) -> list[tuple[Request, int]]:
+        """A step of decodes alone, with no request waiting, becomes a multi-step decode:
+        each request samples up to ``continuous_decode_steps`` tokens in a row, so the
+        scheduler, the frontend and the HTTP shim wake once for them (on a small machine
+        their wake-ups take cores from the worker). A new request waits at most for the
+        steps in flight."""
+        if any(n != 1 or r.num_computed_tokens + 1 != r.num_tokens or r.remote_decode is not None
+               for r, n in chosen):
+            return chosen  # a prompt (or a prefill for another instance) is in the step
+        budget -= len(chosen)
+        out = []
+        for req, n in chosen:
+            steps = req.decode_steps(min(self.cfg.continuous_decode_steps, budget + 1), self.max_model_len)
+            if steps > 1 and self.blocks.allocate(req, req.num_computed_tokens + steps):
+                budget -= steps - 1
+                n = steps
+            out.append((req, n))
+        self.stats.num_continued_steps += max((n for _, n in out), default=1) - 1
+        return out
 
     def _tokens_to_compute(self, req: Request) -> int:
         if not req.wants_more or req.num_tokens >= self.max_model_len:
@@ -268,11 +291,12 @@ class Scheduler(Disaggregation):
             ids.append(req.req_id)
             n_sched.append(n)
             n_comp.append(req.num_computed_tokens)
+            num_tokens = req.num_tokens
             req.num_computed_tokens += n
             if req.remote_decode is not None:
                 self.on_step(req)
-            if req.num_computed_tokens == req.num_tokens:
-                req.num_placeholders += 1  # this step samples its next token
+            if req.num_computed_tokens >= num_tokens:  # this step samples its next token(s)
+                req.num_placeholders += req.num_computed_tokens - num_tokens + 1
             self.blocks.cache_blocks(req, min(req.num_computed_tokens, req.num_known_tokens))
         drop, self._drop_on_worker = self._drop_on_worker, []
         total = sum(n_sched)
@@ -285,24 +309,35 @@ class Scheduler(Disaggregation):
     # -- results in -------------------------------------------------------------------------
     def update(self, result: StepResult) -> StepOutputs:
         """Fold sampled tokens in; returns what the frontend must hear."""
-        out = StepOutputs()
-        rows = {rid: i for i, rid in enumerate(result.logprob_req_ids)}
+        rows: dict[str, list] = {}  # req id -> [request, tokens, finish reason, logprobs]
+        lp_rows: dict[str, list[int]] = {}  # req id -> its logprob rows, in token order
+        for i, rid in enumerate(result.logprob_req_ids):
+            lp_rows.setdefault(rid, []).append(i)
         now = time.time()
         for req_id, token in zip(result.req_ids, result.token_ids):
             req = self.requests.get(req_id)
             if req is None or req.num_placeholders == 0:
-                continue  # finished or aborted since the step was planned
+                continue  # finished or aborted since the step was planned (or ended in it)
             req.num_placeholders -= 1
             reason = req.append_token(token, self.max_model_len)
-            lps = _logprobs(result, rows.get(req_id), req.sampling.logprobs, token)
+            row = rows.setdefault(req_id, [req, [], None, None])
+            lp_row = lp_rows[req_id][len(row[1])] if req_id in lp_rows else None
+            lps = _logprobs(result, lp_row, req.sampling.logprobs, token)
+            row[1].append(token)
+            if lps is not None:
+                row[3] = (row[3] or []) + lps
             if req.remote_decode is not None:  # a prefill for another instance: it streams there
                 if reason is not None and not self.on_finish(req, token, lps):
+                    del rows[req_id]
                     continue
             self.stats.total_output_tokens += 1
             self.stats.observe_token(req, now)
             if reason is not None:
+                row[2] = reason
                 self._finish(req, reason)
-            out.add(req, [token], reason, lps)
+        out = StepOutputs()
+        for req, tokens, reason, lps in rows.values():
+            out.add(req, tokens, reason, lps)
         return out
 
     def deliver(self, msg) -> StepOutputs:

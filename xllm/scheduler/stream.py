@@ -3,10 +3,11 @@
 Every message to a frontend costs the scheduler, the frontend and the HTTP shim CPU time
 (about 2 ms a token in all, measured on 2 cores), and on a small machine that time is
 taken from the worker's threads. With ``--stream-interval N`` a request's new tokens go
-out every N steps instead of every step, as one row carrying all of them; its first
+out every N tokens instead of every step, as one row carrying all of them; its first
 token (TTFT) and its last (the finish) go at once, and nothing waits longer than
 ``max_delay_s``, so a slow step rate (large batches) streams as before. N = 1 sends every
-step (vLLM's and SGLang's ``--stream-interval`` are the same knob, in tokens).
+step (vLLM's and SGLang's ``--stream-interval`` are the same knob). A multi-step decode
+brings several tokens per step: they count as that many.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class StreamBuffer:
         self.interval = interval
         self.max_delay_s = max_delay_s
         self.rows: dict[str, list] = {}  # req id -> a row, tokens (and logprobs) merged
-        self.steps = 0  # steps whose rows are held
+        self.tokens = 0  # decode tokens per request held (the most any step brought, summed)
         self.since: float | None = None  # when the oldest held row came
         self.step_id = -1
         self.started: set[str] = set()  # requests whose first token went out
@@ -36,7 +37,7 @@ class StreamBuffer:
         if self.interval == 1:
             return out
         send = StepOutputs()
-        held = False
+        held = 0
         for row in out.rows:
             rid, reason = row[0], row[2]
             merged = self._merge(self.rows.pop(rid, None), row)
@@ -48,21 +49,21 @@ class StreamBuffer:
                         self.started.discard(rid)
                     continue
             self.rows[rid] = merged
-            held = True
+            held = max(held, len(row[1]))
         if held:
-            self.steps += 1
+            self.tokens += held
             self.step_id = step_id
             if self.since is None:
                 self.since = now
         elif not self.rows:  # the last held rows just went out with a finish
-            self.steps, self.since = 0, None
+            self.tokens, self.since = 0, None
         if self.due(now):
             send.rows.extend(self.take().rows)
         return send
 
     def due(self, now: float) -> bool:
-        """Held rows that have waited their steps or their time."""
-        return bool(self.rows) and (self.steps >= self.interval or now - self.since >= self.max_delay_s)
+        """Held rows that have waited their tokens or their time."""
+        return bool(self.rows) and (self.tokens >= self.interval or now - self.since >= self.max_delay_s)
 
     def deadline(self) -> float | None:
         """When the held rows must go at the latest (None: nothing held)."""
@@ -73,7 +74,7 @@ class StreamBuffer:
         out = StepOutputs()
         out.rows = [tuple(r) for r in self.rows.values()]
         self.rows.clear()
-        self.steps, self.since = 0, None
+        self.tokens, self.since = 0, None
         return out
 
     @staticmethod

@@ -45,6 +45,7 @@ class RequestState:
     num_prompt_tokens: int
     eos_token_ids: list[int]
     has_processors: bool  # bias, penalties or min_tokens apply
+    done: bool = False  # its last sampled token ended it (the scheduler will drop it)
 
 
 @dataclass
@@ -114,11 +115,30 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
-        """Run one step: forward, sample, remember the sampled tokens."""
+        """Run one step: forward, sample, remember the sampled tokens. A request whose range
+        goes past its known tokens decodes on, one forward per token (multi-step decode)."""
         t0 = time.perf_counter()
+        result = StepResult(plan.step_id, [], [], 0.0)
         req_ids, logits = self.step_logits(plan)
-        if not req_ids:
-            return StepResult(plan.step_id, [], [], 0.0)
+        logprobs = _LogprobRows(max((self.requests[r].sampling.logprobs or 0 for r in req_ids
+                                     if self.requests[r].sampling.logprobs is not None), default=-1))
+        ends = dict(zip(plan.scheduled_req_ids, map(sum, zip(plan.num_computed, plan.num_scheduled))))
+        while req_ids:
+            tokens = self._sample(req_ids, logits, logprobs)
+            result.req_ids.extend(req_ids)
+            result.token_ids.extend(tokens)
+            # NOTE: position p samples token p + 1, so a range ending at e is done at e + 1 tokens
+            more = [r for r in req_ids if not self.requests[r].done and len(self.requests[r].token_ids) <= ends[r]]
+            if not more:
+                break
+            req_ids, logits = self._step_logits(more, [1] * len(more),
+                                                [len(self.requests[r].token_ids) - 1 for r in more], progress=False)
+        logprobs.fill(result)
+        result.forward_s = time.perf_counter() - t0
+        return result
+
+    def _sample(self, req_ids: list[str], logits: torch.Tensor, logprobs: "_LogprobRows") -> list[int]:
+        """Sample one token per row, append it to its request, mark the requests it ends."""
         states = [self.requests[r] for r in req_ids]
         want_lp = [i for i, s in enumerate(states) if s.sampling.logprobs is not None]
         raw = logits[want_lp].clone() if want_lp else None
@@ -136,37 +156,46 @@ class ModelRunner:
         self.grammars.advance(req_ids, tokens)
         for state, tok in zip(states, tokens):
             state.token_ids.append(tok)
-        result = StepResult(plan.step_id, req_ids, tokens, 0.0)
+            n_out = len(state.token_ids) - state.num_prompt_tokens
+            state.done = state.sampling.finish_reason(tok, n_out, state.eos_token_ids) is not None
         if want_lp:
-            k = max(states[i].sampling.logprobs for i in want_lp)
-            lp, top_ids, top_lp = token_logprobs(raw, sampled[want_lp], k)
-            result.logprob_req_ids = [req_ids[i] for i in want_lp]
-            result.logprobs, result.top_ids, result.top_logprobs = lp, top_ids, top_lp
-        result.forward_s = time.perf_counter() - t0
-        return result
+            logprobs.add([req_ids[i] for i in want_lp], raw, sampled[want_lp])
+        return tokens
 
     @torch.inference_mode()
     def step_logits(self, plan: StepPlan) -> tuple[list[str], torch.Tensor]:
-        """Apply the plan's state changes and run the forward pass: the requests that sample
-        this step and their (S, vocab) float32 logits."""
+        """Apply the plan's state changes and run the forward pass over each request's
+        range up to the tokens it knows: the requests that sample and their (S, vocab)
+        float32 logits. Requests this worker saw end are left out."""
         self._apply_plan_state(plan)
+        ids, n_sched, n_comp = [], [], []
+        for rid, n, c in zip(plan.scheduled_req_ids, plan.num_scheduled, plan.num_computed):
+            state = self.requests[rid]
+            if state.done:
+                continue  # it ended in an earlier step; the scheduler drops it when it hears
+            known = len(state.token_ids)
+            if c >= known:
+                raise RuntimeError(f"plan asks for token {c} of a request with {known}")
+            ids.append(rid)
+            n_sched.append(min(c + n, known) - c)
+            n_comp.append(c)
         pool = self.kv_pool
         if pool is None:
-            return self._step_logits(plan)
+            return self._step_logits(ids, n_sched, n_comp)
         pool.start_step(plan.step_id)
         try:
-            return self._step_logits(plan)
+            return self._step_logits(ids, n_sched, n_comp)
         finally:
             pool.layer_done(pool.num_layers)
 
-    def _step_logits(self, plan: StepPlan) -> tuple[list[str], torch.Tensor]:
-        ids, n_sched, n_comp = plan.scheduled_req_ids, plan.num_scheduled, plan.num_computed
+    def _step_logits(self, ids: list[str], n_sched: list[int], n_comp: list[int],
+                     progress: bool = True) -> tuple[list[str], torch.Tensor]:
         if not ids:
             return [], torch.empty(0)
         if self.micro_batch_overlap and len(ids) > 1:
             return self._micro_batch_logits(ids, n_sched, n_comp)  # progress only at the end
         inp = self._prepare(ids, n_sched, n_comp)
-        if self.kv_pool is not None:
+        if self.kv_pool is not None and progress:
             layer_done = self.kv_pool.layer_done
             inp.meta.on_layer_stored = lambda index: layer_done(index + 1)
         if self.graphs is not None and inp.meta.all_decode and self.graphs.bucket_for(len(ids)):
@@ -201,8 +230,6 @@ class ModelRunner:
         positions = np.arange(total, dtype=np.int64) - np.repeat(starts - n_comp, n_sched)
         tokens: list[int] = []
         for s, c, e in zip(states, n_comp.tolist(), ends.tolist()):
-            if e > len(s.token_ids):
-                raise RuntimeError(f"plan asks for token {e - 1} of a request with {len(s.token_ids)}")
             tokens.extend(s.token_ids[c:e])
         max_blocks = max(len(s.block_ids) for s in states)
         table = np.zeros((len(states), max_blocks), dtype=np.int64)
@@ -236,6 +263,25 @@ class ModelRunner:
         for i in np.nonzero(~decode)[0].tolist():
             meta.prefills.append(PrefillSpan(int(starts[i]), int(n_sched[i]), int(n_comp[i]), table_t[i]))
         return meta
+
+
+class _LogprobRows:
+    """The logprob rows of one step, gathered over its decode iterations."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k  # the most top logprobs any request of the step asked for (-1: none asked)
+        self.req_ids: list[str] = []
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, req_ids: list[str], raw: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Rows for ``tokens`` sampled from the unprocessed logits ``raw`` (R, vocab)."""
+        self.req_ids.extend(req_ids)
+        self.parts.append(token_logprobs(raw, tokens, self.k))
+
+    def fill(self, result: StepResult) -> None:
+        if self.parts:
+            result.logprob_req_ids = self.req_ids
+            result.logprobs, result.top_ids, result.top_logprobs = (np.concatenate(p) for p in zip(*self.parts))
 
 
 def _grammar_compiler(model_path: str, vocab_size: int):
