@@ -5,12 +5,13 @@
 # the project's machines); the package itself accepts any torch >= 2.5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The tests start a real etcd (Debian's etcd-server 3.4) for the multi-host metadata store.
-if ! command -v etcd >/dev/null; then
+# The tests start a real etcd (Debian's etcd-server 3.4) for the multi-host metadata store,
+# over TLS too (with certificates made by the openssl command).
+if ! command -v etcd >/dev/null || ! command -v openssl >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
+    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client openssl >/dev/null
   else
-    echo "setup: etcd is not installed; the metastore tests need it (apt-get install etcd-server etcd-client)" >&2
+    echo "setup: etcd or openssl is not installed; the metastore tests need them (apt-get install etcd-server etcd-client openssl)" >&2
   fi
 fi
 PY=${PYTHON:-python3}

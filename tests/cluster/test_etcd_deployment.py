@@ -2,7 +2,9 @@
 two instance hosts. Instances register and take traffic; one whose scheduler is killed is
 restarted by its host and takes traffic again; a host killed whole leaves when its lease
 expires and takes traffic again once restarted; a restarted router
-rebuilds its registry from the store; so does a router whose etcd lost everything."""
+rebuilds its registry from the store; so does a router whose etcd lost everything. Over an
+etcd with TLS and client certificates, a router and an instance register and serve; a
+launcher given half a client certificate stops before it starts anything."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pytest
 
 from tests.cluster.hosts import launch_role, wait_instances
 from tests.deploy import wait_gone
-from tests.etcd import running_etcd
+from tests.etcd import make_tls_files, running_etcd
 from xllm.bus.curve import make_keys
 from xllm.metastore import StoreUnavailable, keys, open_store
 from xllm.protocol import InstanceRecord
@@ -101,6 +103,30 @@ def test_instances_on_other_launchers_register_leave_and_rejoin(make_tiny, tmp_p
                         asyncio.run(wait_registered(url, 3))  # two instances and the router
                         asyncio.run(wait_instances(router2.address, 2, timeout=60))
                         assert asyncio.run(serve_some(router2.address)) == {"a-i0": 3, "b-i0": 3}
+
+
+@pytest.mark.slow
+def test_a_router_and_an_instance_register_and_serve_over_an_etcd_with_tls(make_tiny, tmp_path, monkeypatch):
+    model = make_tiny("tiny-llama")
+    tls = make_tls_files(tmp_path / "tls")
+    for variable, path in (("XLLM_ETCD_CA", tls.ca), ("XLLM_ETCD_CERT", tls.client_cert),
+                           ("XLLM_ETCD_KEY", tls.client_key)):
+        monkeypatch.setenv(variable, str(path))  # the launchers inherit this environment
+    with running_etcd(tmp_path, tls=tls) as etcd:
+        with launch_role(model, tmp_path / "a", "instance", etcd.url, "127.0.0.1", None, "--instance-prefix", "a-i"), \
+                launch_role(model, tmp_path / "r", "router", etcd.url, "127.0.0.1", None) as router:
+            asyncio.run(wait_instances(router.address, 1))
+            assert asyncio.run(serve_some(router.address)) == {"a-i0": 6}
+            asyncio.run(wait_registered(etcd.url, 2))  # the instance and the router
+
+
+def test_a_launcher_given_half_a_client_certificate_stops_before_starting(make_tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("XLLM_ETCD_CERT", str(make_tls_files(tmp_path / "tls").client_cert))
+    monkeypatch.delenv("XLLM_ETCD_KEY", raising=False)
+    # NOTE: nothing listens on port 1; exit status 2 is the launcher refusing its settings
+    with pytest.raises(RuntimeError, match="(?s)exited with 2.*XLLM_ETCD_KEY"):
+        with launch_role(make_tiny("tiny-llama"), tmp_path / "i", "instance", "etcd://127.0.0.1:1", "127.0.0.1", None):
+            pass
 
 
 async def _incarnation(url: str, instance_id: str) -> str:

@@ -1,16 +1,17 @@
-"""The metadata store's verbs behave the same embedded and on a real etcd."""
+"""The metadata store's verbs behave the same embedded and on a real etcd (plain or over
+TLS); an etcd with a user or a client-certificate check admits only those it should."""
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import zmq
 import zmq.asyncio
 
-from tests.etcd import running_etcd
+from tests.etcd import make_tls_files, running_etcd
 from xllm.bus.channel import Channel
 from xllm.metastore import StoreUnavailable, open_store
 from xllm.metastore.client import StoreClient
@@ -40,21 +41,35 @@ async def served_store(tmp_path):
         ctx.term()
 
 
-@pytest.fixture(params=["memory", "served", "etcd"])
-def backend(request, tmp_path):
-    return request.param, tmp_path
+@pytest.fixture(params=["memory", "served", "etcd", "etcd-tls"])
+def backend(request, tmp_path, monkeypatch):
+    """The store's kind, a directory for it, and for etcd-tls its certificates (which the
+    environment hands to ``open_store``)."""
+    tls = make_tls_files(tmp_path / "tls") if request.param == "etcd-tls" else None
+    if tls is not None:
+        use_tls(monkeypatch, tls.ca, tls.client_cert, tls.client_key)
+    return request.param, tmp_path, tls
+
+
+def use_tls(monkeypatch, ca: Path | None, cert: Path | None = None, key: Path | None = None) -> None:
+    """Set XLLM_ETCD_CA, _CERT and _KEY to these files; unset those given None."""
+    for variable, path in (("XLLM_ETCD_CA", ca), ("XLLM_ETCD_CERT", cert), ("XLLM_ETCD_KEY", key)):
+        if path is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, str(path))
 
 
 @asynccontextmanager
 async def store_for(backend):
-    kind, tmp_path = backend
+    kind, tmp_path, tls = backend
     if kind == "memory":
         yield MemoryStore()
     elif kind == "served":
         async with served_store(tmp_path) as s:
             yield s
     else:
-        with running_etcd(tmp_path) as etcd:
+        with running_etcd(tmp_path, tls=tls) as etcd:
             store = open_store(etcd.url)
             try:
                 yield store
@@ -155,9 +170,8 @@ async def _until(predicate, limit_s: float = 10.0) -> None:
 async def test_an_etcd_with_authentication_admits_only_its_user(tmp_path, monkeypatch):
     """Credentials come from XLLM_ETCD_USER / XLLM_ETCD_PASSWORD (never the command line)."""
     with running_etcd(tmp_path) as etcd:
-        endpoint = f"http://127.0.0.1:{etcd.client_port}"
         for cmd in (["user", "add", "root:s3cret"], ["auth", "enable"]):
-            subprocess.run(["etcdctl", "--endpoints", endpoint, *cmd], check=True, capture_output=True)
+            assert etcd.ctl(*cmd).returncode == 0
         monkeypatch.setenv("XLLM_ETCD_USER", "root")
         monkeypatch.setenv("XLLM_ETCD_PASSWORD", "s3cret")
         store = open_store(etcd.url)
@@ -174,9 +188,57 @@ async def test_an_etcd_with_authentication_admits_only_its_user(tmp_path, monkey
 
 
 async def _refused(url: str) -> None:
+    """A store opened with the environment as it is can neither write nor read."""
     store = open_store(url)
     try:
+        with pytest.raises(StoreUnavailable):
+            await store.put(b"/t/refused", b"v")
         with pytest.raises(StoreUnavailable):
             await store.get(b"/t/k")
     finally:
         await store.close()
+
+
+async def _put(url: str, key: bytes, value: bytes) -> None:
+    store = open_store(url)
+    try:
+        await store.put(key, value)
+    finally:
+        await store.close()
+
+
+async def _reads(url: str) -> dict[bytes, bytes]:
+    """Everything under /t/, read by a store opened with the environment as it is."""
+    store = open_store(url)
+    try:
+        return await store.get_prefix(b"/t/")
+    finally:
+        await store.close()
+
+
+async def test_an_etcd_over_tls_admits_only_clients_with_its_ca_and_a_client_certificate(tmp_path, monkeypatch):
+    """XLLM_ETCD_CA verifies etcd; XLLM_ETCD_CERT and _KEY answer its --client-cert-auth."""
+    ours, other = make_tls_files(tmp_path / "ours"), make_tls_files(tmp_path / "other")
+    with running_etcd(tmp_path, tls=ours) as etcd:
+        use_tls(monkeypatch, ours.ca, ours.client_cert, ours.client_key)
+        await _put(etcd.url, b"/t/k", b"v")
+        refused = [(None, None, None),  # plain text to a TLS port
+                   (None, ours.client_cert, ours.client_key),  # gRPC's default roots: etcd not verified
+                   (other.ca, ours.client_cert, ours.client_key),  # another CA: etcd not verified
+                   (ours.ca, None, None),  # no client certificate
+                   (ours.ca, other.client_cert, other.client_key)]  # a client certificate of another CA
+        for ca, cert, key in refused:
+            use_tls(monkeypatch, ca, cert, key)
+            await _refused(etcd.url)
+        use_tls(monkeypatch, ours.ca, ours.client_cert, ours.client_key)
+        assert await _reads(etcd.url) == {b"/t/k": b"v"}  # the refused puts wrote nothing
+
+
+async def test_a_ca_alone_reaches_an_etcd_over_tls_that_asks_no_client_certificate(tmp_path, monkeypatch):
+    tls = make_tls_files(tmp_path / "tls")
+    with running_etcd(tmp_path, tls=tls, client_cert_auth=False) as etcd:
+        use_tls(monkeypatch, tls.ca)
+        await _put(etcd.url, b"/t/k", b"v")
+        assert await _reads(etcd.url) == {b"/t/k": b"v"}
+        use_tls(monkeypatch, make_tls_files(tmp_path / "other").ca)
+        await _refused(etcd.url)

@@ -23,6 +23,7 @@ from ..config import (POLICIES, ROUTER_POLICIES, CacheConfig, EngineConfig, Http
                       ParallelConfig, RouterConfig, SchedulerConfig, read_hf_config)
 from ..models.spec import DecoderSpec
 from ..kv_transfer import pool as kv_pool
+from ..metastore import etcd_access
 from .plan import HOST_ROLES, ROLES, DeploymentPlan, host_plan
 
 log = logging.getLogger("xllm.deploy")
@@ -229,6 +230,8 @@ def build_plan(args: argparse.Namespace, engine: EngineConfig, run_dir: str) -> 
         raise ValueError("--tp, --instances, --frontends and --routers must be at least 1")
     if args.role != "all" and args.metastore == "embedded":
         raise ValueError(f"--role {args.role} shares the deployment with other hosts: give --metastore etcd://...")
+    if args.metastore.startswith("etcd://"):
+        etcd_access()  # NOTE: a bad XLLM_ETCD_* variable stops the launcher here, before any actor
     if args.role != "all" and not args.advertise_host:
         raise ValueError(f"--role {args.role} needs --advertise-host (this host's address for the others)")
     key_dir = str(Path(args.cluster_key_dir).resolve()) if args.cluster_key_dir else ""
