@@ -26,6 +26,7 @@ import torch
 from xllm.config import CacheConfig, ModelConfig, read_hf_config
 from xllm.layers.attention import AttentionMetadata
 from xllm.layers.parallel import SINGLE, TPGroup
+from xllm.platform import serving_dtype
 from xllm.protocol import NewRequestData, SamplingParams, StepPlan
 from xllm.worker.model_runner import ModelRunner
 
@@ -33,10 +34,8 @@ GREEDY = SamplingParams(max_tokens=1 << 20, temperature=0.0, top_p=1.0, top_k=0,
 
 
 def checkpoint_dtype(model_dir: Path) -> str:
-    """The dtype ``xllm-launch --dtype auto`` picks for this checkpoint."""
-    hf = read_hf_config(model_dir)
-    saved = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
-    return "float32" if saved == "float32" else "bfloat16"
+    """The dtype ``xllm-launch --dtype auto`` picks for this checkpoint on this machine."""
+    return serving_dtype(read_hf_config(model_dir))
 
 
 class DecodeBench:

@@ -30,3 +30,25 @@ def test_remote_addresses_need_the_flag(address):
     with pytest.raises(ValueError, match="--allow-remote-clients"):
         check_exposure(address, allowed=False)
     check_exposure(address, allowed=True)
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_serves_16_bit_checkpoints_in_bf16_only_where_the_cpu_computes_it(
+        native_bf16, expected, make_tiny, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from xllm.deploy import launcher
+    from xllm.platform import Platform
+
+    model = tmp_path / "bf16-model"
+    shutil.copytree(make_tiny("tiny-llama"), model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    monkeypatch.setattr("xllm.platform.current", lambda: Platform("cpu", "gloo", native_bf16))
+    monkeypatch.setattr(launcher, "current", lambda: Platform("cpu", "gloo", native_bf16))
+    auto = launcher.resolve_config(launcher.build_parser().parse_args(["--model", str(model)]))
+    assert auto.model.dtype == expected
+    explicit = launcher.resolve_config(launcher.build_parser().parse_args(
+        ["--model", str(model), "--dtype", "bfloat16"]))
+    assert explicit.model.dtype == "bfloat16"  # asked for: honoured (with a warning without hardware bf16)

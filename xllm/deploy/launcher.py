@@ -24,6 +24,7 @@ from ..config import (POLICIES, ROUTER_POLICIES, CacheConfig, EngineConfig, Http
 from ..models.spec import DecoderSpec
 from ..kv_transfer import pool as kv_pool
 from ..metastore import etcd_access
+from ..platform import current, serving_dtype
 from .plan import HOST_ROLES, ROLES, DeploymentPlan, host_plan
 
 log = logging.getLogger("xllm.deploy")
@@ -187,8 +188,13 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
     spec = DecoderSpec.from_hf(hf)
     dtype = args.dtype
     if dtype == "auto":
-        saved = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
-        dtype = "float32" if saved == "float32" else "bfloat16"
+        dtype = serving_dtype(hf)
+        if dtype == "float32" and not current().native_bf16:
+            log.info("serving in float32 (--dtype auto): this CPU has no bfloat16 arithmetic (AVX-512 BF16 "
+                     "or AMX), so a 16-bit checkpoint runs in float32 rather than in emulated bfloat16")
+    elif dtype == "bfloat16" and not current().native_bf16:
+        log.warning("--dtype bfloat16 on a device without bfloat16 arithmetic: matmuls are emulated "
+                    "and can be 100x slower than float32 (--dtype auto picks float32 here)")
     api_key = args.api_key if args.api_key is not None else os.environ.get("XLLM_API_KEY", "")
     if args.http_port and not _is_loopback(args.http_host) and not api_key:
         log.warning("the HTTP API listens on %s, beyond this machine, without authentication "
