@@ -2,7 +2,9 @@
 
 It keeps per-request tokens exactly as a real worker does and "samples" a token that
 is a pure function of the request's tokens so far, so runs can be compared. A range past
-the known tokens decodes on (multi-step), stopping where ``finish_reason`` ends it.
+the known tokens decodes on (multi-step), stopping where ``finish_reason`` ends it; with
+``accept`` it stops after as many tokens as ``accept(req_id, tokens so far)`` allows, as
+speculative decoding does when drafts are rejected (at least one token).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ def next_token(tokens: list[int]) -> int:
 
 
 class FakeWorker:
-    def __init__(self) -> None:
+    def __init__(self, accept=None) -> None:
+        self.accept = accept
         self.tokens: dict[str, list[int]] = {}
         self.requests: dict[str, tuple] = {}  # req id -> (sampling, number of prompt tokens, eos ids)
         self.done: set[str] = set()
@@ -35,9 +38,14 @@ class FakeWorker:
             seq = self.tokens[rid]
             if rid in self.done:
                 continue  # it ended in an earlier step; the scheduler drops it when it hears
-            assert c < len(seq), "plan starts past the tokens the worker knows"
+            shift = max(0, c - (len(seq) - 1))  # an earlier step gave fewer tokens than planned
+            assert shift == 0 or self.accept is not None, "plan starts past the tokens the worker knows"
+            c -= shift
             sampling, n_prompt, eos = self.requests[rid]
-            while rid not in self.done and len(seq) <= c + n:  # position p samples token p + 1
+            limit = c + n
+            if self.accept is not None and c + n > len(seq):  # drafts: accept some, then one more
+                limit = min(limit, len(seq) + self.accept(rid, len(seq)))
+            while rid not in self.done and len(seq) <= limit:  # position p samples token p + 1
                 tok = next_token(seq)
                 seq.append(tok)
                 ids.append(rid)

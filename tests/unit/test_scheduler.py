@@ -265,3 +265,23 @@ def test_multi_step_with_preemption_keeps_every_token():
         for rid, p in prompts.items():
             assert outs[rid] == expected(p, 14)
         assert s.blocks.check_integrity()["used"] == 0
+
+
+def test_steps_that_bring_fewer_tokens_than_planned_give_the_same_output():
+    """Speculative decoding's contract: a step planned for n tokens may bring 1..n; the rest
+    of its placeholders go and the next step (planned before, with async scheduling)
+    starts from the request's true last token."""
+    prompts = {r: [(ord(r) * 7 + j) % 80 + 1 for j in range(5 + 3 * i)] for i, r in enumerate("abcde")}
+    accept = lambda rid, n: (n * 7 + ord(rid)) % 4  # 0..3 drafts accepted, by position
+    for depth in (1, 2):
+        for blocks in (64, 10):  # 10: preemption too
+            s = make(steps=4, blocks=blocks, bs=4)
+            for i, (rid, p) in enumerate(prompts.items()):
+                s.add_request(req(rid, p, max_tokens=17, t=i))
+            outs, reasons, plans = drive(s, FakeWorker(accept=accept), depth=depth)
+            for rid, p in prompts.items():
+                assert outs[rid] == expected(p, 17), (depth, blocks, rid)
+                assert reasons[rid] == "length"
+            assert s.blocks.check_integrity()["used"] == 0
+            if blocks == 10:
+                assert s.stats.num_preemptions > 0

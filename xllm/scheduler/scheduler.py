@@ -107,6 +107,8 @@ class Scheduler(Disaggregation):
         self._drop_on_worker: list[str] = []  # finished/preempted ids the workers still hold
         self.finished_since_report: list[str] = []  # ended requests, for the router's load view
         self._step_id = 0
+        # step id -> (request, tokens it may sample, its preemptions then) of steps in flight
+        self._planned: dict[int, list[tuple[Request, int, int]]] = {}
         self.stats = SchedulerStats()
         self._init_disaggregation(sched.kv_transfer_timeout_s)
 
@@ -276,6 +278,7 @@ class Scheduler(Disaggregation):
         new_requests: list[NewRequestData] = []
         new_blocks: dict[str, list[int]] = {}
         ids, n_sched, n_comp = [], [], []
+        planned: list[tuple[Request, int, int]] = []
         now = time.time()
         for req, n in chosen:
             if not req.on_worker:
@@ -297,8 +300,11 @@ class Scheduler(Disaggregation):
                 self.on_step(req)
             if req.num_computed_tokens >= num_tokens:  # this step samples its next token(s)
                 req.num_placeholders += req.num_computed_tokens - num_tokens + 1
+                planned.append((req, req.num_computed_tokens - num_tokens + 1, req.num_preemptions))
             self.blocks.cache_blocks(req, min(req.num_computed_tokens, req.num_known_tokens))
         drop, self._drop_on_worker = self._drop_on_worker, []
+        if planned:
+            self._planned[self._step_id] = planned
         total = sum(n_sched)
         self.stats.num_steps += 1
         self.stats.last_step_tokens = total
@@ -313,12 +319,14 @@ class Scheduler(Disaggregation):
         lp_rows: dict[str, list[int]] = {}  # req id -> its logprob rows, in token order
         for i, rid in enumerate(result.logprob_req_ids):
             lp_rows.setdefault(rid, []).append(i)
+        received: dict[str, int] = {}  # req id -> tokens it got in this step
         now = time.time()
         for req_id, token in zip(result.req_ids, result.token_ids):
             req = self.requests.get(req_id)
             if req is None or req.num_placeholders == 0:
                 continue  # finished or aborted since the step was planned (or ended in it)
             req.num_placeholders -= 1
+            received[req_id] = received.get(req_id, 0) + 1
             reason = req.append_token(token, self.max_model_len)
             row = rows.setdefault(req_id, [req, [], None, None])
             lp_row = lp_rows[req_id][len(row[1])] if req_id in lp_rows else None
@@ -335,10 +343,27 @@ class Scheduler(Disaggregation):
             if reason is not None:
                 row[2] = reason
                 self._finish(req, reason)
+        self._settle(result.step_id, received)
         out = StepOutputs()
         for req, tokens, reason, lps in rows.values():
             out.add(req, tokens, reason, lps)
         return out
+
+    def _settle(self, step_id: int, received: dict[str, int]) -> None:
+        """A step may bring a request fewer tokens than planned (speculative tokens that
+        were rejected): the placeholders never sampled go, and the positions computed for
+        them count as not computed (their KV is written again by the next step).
+
+        NOTE: a step planned on top of this one (async scheduling) assumed every planned
+        token; the worker starts it from the request's true last token instead."""
+        for req, planned, preemptions in self._planned.pop(step_id, ()):
+            if req.status is Status.FINISHED:
+                continue
+            short = planned - received.get(req.req_id, 0)
+            if short > 0:
+                req.num_placeholders -= short
+                if req.num_preemptions == preemptions:  # else it restarts from 0 anyway
+                    req.num_computed_tokens -= short
 
     def deliver(self, msg) -> StepOutputs:
         """Decode side: a transfer ended (``KVReceived``); the first token, if it came."""

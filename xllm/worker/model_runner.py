@@ -119,10 +119,11 @@ class ModelRunner:
         goes past its known tokens decodes on, one forward per token (multi-step decode)."""
         t0 = time.perf_counter()
         result = StepResult(plan.step_id, [], [], 0.0)
-        req_ids, logits = self.step_logits(plan)
+        ranges = self._begin(plan)
+        req_ids, logits = self._forward_ranges(plan.step_id, ranges)
         logprobs = _LogprobRows(max((self.requests[r].sampling.logprobs or 0 for r in req_ids
                                      if self.requests[r].sampling.logprobs is not None), default=-1))
-        ends = dict(zip(plan.scheduled_req_ids, map(sum, zip(plan.num_computed, plan.num_scheduled))))
+        ends = {rid: end for rid, _, end in ranges}
         while req_ids:
             tokens = self._sample(req_ids, logits, logprobs)
             result.req_ids.extend(req_ids)
@@ -167,22 +168,35 @@ class ModelRunner:
         """Apply the plan's state changes and run the forward pass over each request's
         range up to the tokens it knows: the requests that sample and their (S, vocab)
         float32 logits. Requests this worker saw end are left out."""
+        return self._forward_ranges(plan.step_id, self._begin(plan))
+
+    def _begin(self, plan: StepPlan) -> list[tuple[str, int, int]]:
+        """Apply the plan's state changes; each running request's (id, first position,
+        end of its range) in the plan's order."""
         self._apply_plan_state(plan)
-        ids, n_sched, n_comp = [], [], []
+        ranges = []
         for rid, n, c in zip(plan.scheduled_req_ids, plan.num_scheduled, plan.num_computed):
             state = self.requests[rid]
             if state.done:
                 continue  # it ended in an earlier step; the scheduler drops it when it hears
-            known = len(state.token_ids)
-            if c >= known:
-                raise RuntimeError(f"plan asks for token {c} of a request with {known}")
-            ids.append(rid)
-            n_sched.append(min(c + n, known) - c)
-            n_comp.append(c)
+            shift = c - (len(state.token_ids) - 1)
+            if shift > 0:
+                # NOTE: an earlier step gave it fewer tokens than the scheduler planned (rejected
+                # speculative tokens) when this step was planned: the range starts at its last
+                # token instead; the scheduler allocated KV for the planned, later range
+                c -= shift
+            ranges.append((rid, c, c + n))
+        return ranges
+
+    def _forward_ranges(self, step_id: int, ranges: list[tuple[str, int, int]]) -> tuple[list[str], torch.Tensor]:
+        """The forward pass of each range up to its request's known tokens."""
+        ids = [rid for rid, _, _ in ranges]
+        n_comp = [c for _, c, _ in ranges]
+        n_sched = [min(e, len(self.requests[rid].token_ids)) - c for rid, c, e in ranges]
         pool = self.kv_pool
         if pool is None:
             return self._step_logits(ids, n_sched, n_comp)
-        pool.start_step(plan.step_id)
+        pool.start_step(step_id)
         try:
             return self._step_logits(ids, n_sched, n_comp)
         finally:
