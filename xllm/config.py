@@ -131,6 +131,27 @@ class HttpConfig:
             reasoning.reasoning_parser(self.reasoning_parser)
 
 
+SPECULATIVE_METHODS = ("suffix", "ngram")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (``xllm.spec``); ``method`` "" means off."""
+
+    method: str = ""  # "suffix" (frequency-weighted suffix match) or "ngram" (prompt lookup)
+    num_tokens: int = 4  # draft tokens a request may verify per step
+    max_batch: int = 8  # a step with more decoding requests than this does not speculate
+
+    def __post_init__(self) -> None:
+        if self.method and self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}; "
+                             f"got {self.method!r}")
+        if self.num_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_tokens}")
+        if self.max_batch < 1:
+            raise ValueError(f"speculative max batch must be at least 1, got {self.max_batch}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The engine settings every instance of a deployment shares; each actor takes the
@@ -143,6 +164,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

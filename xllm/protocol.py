@@ -602,6 +602,8 @@ class StepResult(msgspec.Struct, tag="result"):
     logprobs: np.ndarray | None = None  # (R,) float32, the sampled tokens' logprobs
     top_ids: np.ndarray | None = None  # (R, K) int32, K = the largest k asked for
     top_logprobs: np.ndarray | None = None  # (R, K) float32
+    # Speculative decoding: req id -> (draft tokens proposed, of them accepted) this step
+    spec_counts: dict[str, tuple[int, int]] = {}
 
 
 class WorkerError(msgspec.Struct, tag="worker_error"):

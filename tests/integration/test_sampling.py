@@ -14,11 +14,14 @@ from xllm.sdk import AsyncClient
 PROMPT = [11, 22, 33, 44, 55, 66, 77]
 
 
-@pytest.fixture(scope="module", params=[1, 4], ids=["single-step", "multi-step"])
+MODES = {"single-step": (), "multi-step": ("--num-continuous-decode-steps", "4"),
+         "speculative": ("--speculative", "suffix")}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
 def deployment(request, make_tiny, tmp_path_factory):
     path = make_tiny("tiny-llama")
-    steps = ("--num-continuous-decode-steps", str(request.param))
-    with launch(path, tmp_path_factory.mktemp("sampling"), *steps) as dep:
+    with launch(path, tmp_path_factory.mktemp("sampling"), *MODES[request.param]) as dep:
         dep.model_path = path
         yield dep
 

@@ -30,6 +30,11 @@ VARIANTS = {
     "multi-step": ("--num-continuous-decode-steps", "5"),
     "multi-step-sync": ("--num-continuous-decode-steps", "3", "--no-async-scheduling"),
     "multi-step-preemption": ("--num-continuous-decode-steps", "4", "--num-kv-blocks", "20", "--block-size", "8"),
+    "spec-suffix": ("--speculative", "suffix", "--speculative-max-batch", "64"),
+    "spec-sync": ("--speculative", "suffix", "--no-async-scheduling", "--speculative-max-batch", "64"),
+    "spec-chunked-preemption": ("--speculative", "suffix", "--num-speculative-tokens", "6",
+                                "--speculative-max-batch", "64", "--max-num-batched-tokens", "7",
+                                "--num-kv-blocks", "20", "--block-size", "8"),
 }
 
 
@@ -73,6 +78,8 @@ def test_variant_output_equals_the_reference(variant, reference, tmp_path):
     if variant.endswith("preemption"):
         assert stats["num_preemptions"] > 0
     assert (stats["num_continued_steps"] > 0) == variant.startswith("multi-step")
+    if variant.startswith("spec"):  # drafts were proposed and, from the outputs' loops, some kept
+        assert stats["spec_draft_tokens"] > 0 and stats["spec_accepted_tokens"] > 0
     if variant in ("prefix-cache", "async", "chunked-7", "preemption"):
         assert (stats["prefix_cache_hits"] > 0) == (variant != "async")
     if variant == "plain":

@@ -19,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import (POLICIES, ROUTER_POLICIES, CacheConfig, EngineConfig, HttpConfig, ModelConfig,
-                      ParallelConfig, RouterConfig, SchedulerConfig, read_hf_config)
+from ..config import (POLICIES, ROUTER_POLICIES, SPECULATIVE_METHODS, CacheConfig, EngineConfig, HttpConfig,
+                      ModelConfig, ParallelConfig, RouterConfig, SchedulerConfig, SpeculativeConfig, read_hf_config)
 from ..models.spec import DecoderSpec
 from ..kv_transfer import pool as kv_pool
 from ..metastore import etcd_access
@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode steps a worker runs from one plan while no request waits (each token "
                         "fed back to the next step): the scheduler, frontend and HTTP shim wake once for "
                         "them; a new request waits at most for the steps in flight")
+    s.add_argument("--speculative", default="", choices=["", *SPECULATIVE_METHODS],
+                   help="speculative decoding: suffix (drafts from what followed the same tokens in the "
+                        "request and in recent ones) or ngram (prompt lookup)")
+    s.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="draft tokens a request verifies per step at most (with --speculative)")
+    s.add_argument("--speculative-max-batch", type=int, default=8,
+                   help="steps decoding more requests than this do not speculate")
     s.add_argument("--max-queued-requests", type=int, default=10_000,
                    help="waiting requests beyond this are refused")
     s.add_argument("--worker-stall-timeout", type=float, default=10.0,
@@ -227,6 +234,8 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                         max_concurrent_requests=args.http_max_concurrent, api_key=api_key,
                         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser),
         router=RouterConfig(policy=args.router_policy, pd_short_prompt=args.pd_short_prompt),
+        speculative=SpeculativeConfig(method=args.speculative, num_tokens=args.num_speculative_tokens,
+                                      max_batch=args.speculative_max_batch),
     )
 
 
@@ -234,6 +243,9 @@ def build_plan(args: argparse.Namespace, engine: EngineConfig, run_dir: str) -> 
     """The deployment the command line asks for, on this machine."""
     if min(args.tp, args.instances, args.frontends, args.routers) < 1:
         raise ValueError("--tp, --instances, --frontends and --routers must be at least 1")
+    if args.speculative and args.tp > 1:
+        raise ValueError("--speculative with --tp > 1 is not supported yet (the ranks would have to agree "
+                         "on the accepted drafts)")
     if args.role != "all" and args.metastore == "embedded":
         raise ValueError(f"--role {args.role} shares the deployment with other hosts: give --metastore etcd://...")
     if args.metastore.startswith("etcd://"):

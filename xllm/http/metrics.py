@@ -72,6 +72,15 @@ class Metrics:
             ("kv_transfers_in_flight", "PD transfers under way"),
             ("kv_recomputed", "Decode requests that computed their prompt after a failed transfer"))}
 
+        # speculative decoding, summed over instances (vLLM's names)
+        self.spec = {key: Gauge(f"xllm:spec_decode_{name}", text, labels, registry=r) for key, name, text in (
+            ("spec_num_drafts", "num_drafts", "Requests' steps that verified draft tokens"),
+            ("spec_draft_tokens", "num_draft_tokens", "Draft tokens proposed"),
+            ("spec_accepted_tokens", "num_accepted_tokens", "Draft tokens accepted"))}
+        self.spec_per_pos = Gauge("xllm:spec_decode_num_accepted_tokens_per_pos",
+                                  "Draft tokens accepted at each position of the drafts",
+                                  [*labels, "position"], registry=r)
+
     def start(self) -> RequestClock:
         """A clock for one SDK request submitted now."""
         return RequestClock(time.perf_counter())
@@ -111,6 +120,10 @@ class Metrics:
         for key, gauge in self.kv.items():
             both = key in ("kv_transfer_failures", "kv_transfers_in_flight")
             gauge.labels(m).set(sum(i.get(key, 0) for i in (per if both else decode)))
+        for key, gauge in self.spec.items():
+            gauge.labels(m).set(stats.get(key, 0))
+        for pos, n in enumerate(stats.get("spec_accepted_per_position", [])):
+            self.spec_per_pos.labels(m, str(pos)).set(n)
 
     def count_http(self, path: str, status: int) -> None:
         """One HTTP response sent."""

@@ -39,11 +39,17 @@ def merge(call_id: int, method: str, replies: dict[str, ControlReply | None]) ->
 
 
 def _sum(results) -> dict[str, Any]:
+    """Numbers summed; lists of numbers (per-position counts) summed element by element."""
     out: dict[str, Any] = {}
     for r in results:
         for k, v in r.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[k] = out.get(k, 0) + v
+            elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+                acc = out.setdefault(k, [])
+                acc.extend([0] * (len(v) - len(acc)))
+                for i, x in enumerate(v):
+                    acc[i] += x
     return out
 
 

@@ -52,7 +52,7 @@ class SchedulerActor(Actor):
         self.plan = plan
         self.instance = plan.instance(spec.instance)
         self.cfg = cfg = plan.engine
-        self.core = Scheduler(cfg.scheduler, cfg.cache, cfg.model.max_model_len)
+        self.core = Scheduler(cfg.scheduler, cfg.cache, cfg.model.max_model_len, cfg.speculative)
         self.depth = 2 if cfg.scheduler.async_scheduling else 1
         self.in_flight = 0
         self.stream = StreamBuffer(cfg.scheduler.stream_interval)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..config import CacheConfig, SchedulerConfig
+from ..config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from ..protocol import NewRequestData, StepPlan, StepResult, TokenBatch, TokenizedRequest
 from .block_manager import BlockManager
 from .disagg import Disaggregation
@@ -78,6 +78,21 @@ class SchedulerStats:
     total_prompt_tokens: int = 0
     total_output_tokens: int = 0
     num_continued_steps: int = 0  # decode steps workers ran from a plan after its first (multi-step)
+    spec_num_drafts: int = 0  # speculative decoding: requests' steps that verified drafts
+    spec_draft_tokens: int = 0  # draft tokens proposed
+    spec_accepted_tokens: int = 0  # draft tokens accepted
+    spec_accepted_per_position: list = field(default_factory=list)  # [j]: drafts accepted at position j
+
+    def observe_drafts(self, counts: dict) -> None:
+        """Fold one step's (proposed, accepted) draft counts per request in."""
+        for proposed, accepted in counts.values():
+            self.spec_num_drafts += 1
+            self.spec_draft_tokens += proposed
+            self.spec_accepted_tokens += accepted
+            per = self.spec_accepted_per_position
+            per.extend([0] * (proposed - len(per)))
+            for j in range(accepted):
+                per[j] += 1
     ttft_s: float = 0.0  # moving mean of arrival -> first token
     tpot_s: float = 0.0  # moving mean of the gap between output tokens
 
@@ -96,8 +111,10 @@ class Scheduler(Disaggregation):
     """Continuous batching over a paged KV cache. Verbs: add, abort, schedule, update;
     and the hooks of prefill/decode disaggregation (``disagg``)."""
 
-    def __init__(self, sched: SchedulerConfig, cache: CacheConfig, max_model_len: int) -> None:
+    def __init__(self, sched: SchedulerConfig, cache: CacheConfig, max_model_len: int,
+                 speculative: SpeculativeConfig = SpeculativeConfig()) -> None:
         self.cfg = sched
+        self.spec = speculative
         self.max_model_len = max_model_len
         self.policy = Policy(sched.policy)
         self.blocks = BlockManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
@@ -166,9 +183,30 @@ class Scheduler(Disaggregation):
             budget = self._admit_waiting(chosen, budget, preempted)
         if not chosen and not self._drop_on_worker:
             return None
-        if self.cfg.continuous_decode_steps > 1 and not self.waiting:
+        if self.spec.method:
+            chosen = self._speculate(chosen, budget)
+        elif self.cfg.continuous_decode_steps > 1 and not self.waiting:
             chosen = self._continue_decodes(chosen, self.cfg.max_num_batched_tokens)
         return self._make_plan(chosen)
+
+    def _speculate(self, chosen: list[tuple[Request, int]], budget: int) -> list[tuple[Request, int]]:
+        """Room for ``num_tokens`` drafts after each decoding request's token (the worker's
+        proposer fills what it can), unless the step decodes more requests than
+        ``max_batch``: there verifying costs more than it saves."""
+        decoding = [r for r, n in chosen if n == 1 and r.num_computed_tokens + 1 == r.num_tokens
+                    and r.remote_decode is None]
+        if not decoding or len(decoding) > self.spec.max_batch:
+            return chosen
+        chosen_set = {id(r) for r in decoding}
+        out = []
+        for req, n in chosen:
+            if id(req) in chosen_set and budget > 0:
+                steps = req.decode_steps(min(1 + self.spec.num_tokens, budget + 1), self.max_model_len)
+                if steps > 1 and self.blocks.allocate(req, req.num_computed_tokens + steps):
+                    budget -= steps - 1
+                    n = steps
+            out.append((req, n))
+        return out
 
     def _continue_decodes(self, chosen: list[tuple[Request, int]], budget: int) -> list[tuple[Request, int]]:
         """A step of decodes alone, with no request waiting, becomes a multi-step decode:
@@ -344,6 +382,8 @@ class Scheduler(Disaggregation):
                 row[2] = reason
                 self._finish(req, reason)
         self._settle(result.step_id, received)
+        if result.spec_counts:
+            self.stats.observe_drafts(result.spec_counts)
         out = StepOutputs()
         for req, tokens, reason, lps in rows.values():
             out.add(req, tokens, reason, lps)

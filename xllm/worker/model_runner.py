@@ -23,11 +23,13 @@ from ..models.loader import iter_weights
 from ..models.registry import model_class
 from ..models.spec import DecoderSpec
 from ..protocol import SamplingParams, StepPlan, StepResult
+from ..spec import make_proposer
 from .grammar import GrammarRows
 from .graph_runner import DecodeGraphs
 from .kv_cache import allocate_kv_cache
 from .logits_processors import apply_processors
 from .sampler import Sampler, SamplingBatch, seed_for_token, token_logprobs
+from .speculative import Speculator
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class ModelRunner:
 
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, hf_config: dict,
                  tp: TPGroup = SINGLE, micro_batch_overlap: bool = False,
-                 graph_buckets: list[int] | None = None, shared_kv: str = "") -> None:
+                 graph_buckets: list[int] | None = None, shared_kv: str = "", speculative: str = "") -> None:
         self.spec = DecoderSpec.from_hf(hf_config)
         self.dtype = DTYPES[model_cfg.dtype]
         self.block_size = cache_cfg.block_size
@@ -87,6 +89,8 @@ class ModelRunner:
         self.grammars = GrammarRows(lambda: _grammar_compiler(model_cfg.path, self.spec.vocab_size),
                                     enabled=tp.rank == 0)
         self.requests: dict[str, RequestState] = {}
+        self.proposer = make_proposer(speculative)  # speculative decoding's drafts (None: off)
+        self.speculator = Speculator(self.proposer) if self.proposer is not None else None
         self.graphs: DecodeGraphs | None = None
         if graph_buckets:
             max_blocks = -(-model_cfg.max_model_len // self.block_size)
@@ -98,6 +102,8 @@ class ModelRunner:
         for rid in plan.finished_req_ids:
             self.requests.pop(rid, None)
             self.grammars.drop(rid)
+            if self.proposer is not None:
+                self.proposer.drop(rid)
         for new in plan.new_requests:
             seed = new.sampling.seed
             gen = torch.Generator() if seed is not None else None  # seeded per token: seed_for_token
@@ -109,6 +115,9 @@ class ModelRunner:
                                                      has_proc)
             self.grammars.add(new.req_id, sp.structured, new.token_ids[new.num_prompt_tokens:],
                               [*new.eos_token_ids, *sp.stop_token_ids])
+            if self.proposer is not None:
+                self.proposer.drop(new.req_id)  # a recomputed request starts its index again
+                self.proposer.add(new.req_id, list(new.token_ids), new.num_prompt_tokens)
         for rid, blocks in plan.new_block_ids.items():
             self.requests[rid].block_ids.extend(blocks)
 
@@ -120,9 +129,15 @@ class ModelRunner:
         t0 = time.perf_counter()
         result = StepResult(plan.step_id, [], [], 0.0)
         ranges = self._begin(plan)
-        req_ids, logits = self._forward_ranges(plan.step_id, ranges)
-        logprobs = _LogprobRows(max((self.requests[r].sampling.logprobs or 0 for r in req_ids
+        logprobs = _LogprobRows(max((self.requests[r].sampling.logprobs or 0 for r, _, _ in ranges
                                      if self.requests[r].sampling.logprobs is not None), default=-1))
+        if self.speculator is not None:  # positions past the known tokens are drafts to verify
+            result.req_ids, result.token_ids, counts = self.speculator.execute(self, plan.step_id, ranges, logprobs)
+            result.spec_counts = {rid: (n, counts.accepted[rid]) for rid, n in counts.proposed.items()}
+            logprobs.fill(result)
+            result.forward_s = time.perf_counter() - t0
+            return result
+        req_ids, logits = self.forward_ranges(plan.step_id, ranges)
         ends = {rid: end for rid, _, end in ranges}
         while req_ids:
             tokens = self._sample(req_ids, logits, logprobs)
@@ -155,20 +170,34 @@ class ModelRunner:
         self.tp.broadcast(sampled)  # every rank keeps rank 0's tokens, whatever its own floats said
         tokens = sampled.tolist()
         self.grammars.advance(req_ids, tokens)
-        for state, tok in zip(states, tokens):
-            state.token_ids.append(tok)
-            n_out = len(state.token_ids) - state.num_prompt_tokens
-            state.done = state.sampling.finish_reason(tok, n_out, state.eos_token_ids) is not None
+        for rid, tok in zip(req_ids, tokens):
+            self.commit(rid, [tok])
         if want_lp:
             logprobs.add([req_ids[i] for i in want_lp], raw, sampled[want_lp])
         return tokens
+
+    def commit(self, req_id: str, tokens: list[int]) -> int:
+        """Append sampled (or accepted) tokens to a request, up to the one that ends it (then
+        it is done); returns how many were appended."""
+        state = self.requests[req_id]
+        n = 0
+        for tok in tokens:
+            state.token_ids.append(tok)
+            n += 1
+            n_out = len(state.token_ids) - state.num_prompt_tokens
+            if state.sampling.finish_reason(tok, n_out, state.eos_token_ids) is not None:
+                state.done = True
+                break
+        if self.proposer is not None:
+            self.proposer.extend(req_id, tokens[:n])
+        return n
 
     @torch.inference_mode()
     def step_logits(self, plan: StepPlan) -> tuple[list[str], torch.Tensor]:
         """Apply the plan's state changes and run the forward pass over each request's
         range up to the tokens it knows: the requests that sample and their (S, vocab)
         float32 logits. Requests this worker saw end are left out."""
-        return self._forward_ranges(plan.step_id, self._begin(plan))
+        return self.forward_ranges(plan.step_id, self._begin(plan))
 
     def _begin(self, plan: StepPlan) -> list[tuple[str, int, int]]:
         """Apply the plan's state changes; each running request's (id, first position,
@@ -188,27 +217,31 @@ class ModelRunner:
             ranges.append((rid, c, c + n))
         return ranges
 
-    def _forward_ranges(self, step_id: int, ranges: list[tuple[str, int, int]]) -> tuple[list[str], torch.Tensor]:
-        """The forward pass of each range up to its request's known tokens."""
+    def forward_ranges(self, step_id: int, ranges: list[tuple[str, int, int]],
+                       rows: list[int] | None = None) -> tuple[list[str], torch.Tensor]:
+        """The forward pass of each range up to its request's known tokens; the logits of
+        the last ``rows[i]`` (default 1) positions of each request that samples."""
         ids = [rid for rid, _, _ in ranges]
         n_comp = [c for _, c, _ in ranges]
         n_sched = [min(e, len(self.requests[rid].token_ids)) - c for rid, c, e in ranges]
         pool = self.kv_pool
         if pool is None:
-            return self._step_logits(ids, n_sched, n_comp)
+            return self._step_logits(ids, n_sched, n_comp, rows=rows)
         pool.start_step(step_id)
         try:
-            return self._step_logits(ids, n_sched, n_comp)
+            return self._step_logits(ids, n_sched, n_comp, rows=rows)
         finally:
             pool.layer_done(pool.num_layers)
 
-    def _step_logits(self, ids: list[str], n_sched: list[int], n_comp: list[int],
-                     progress: bool = True) -> tuple[list[str], torch.Tensor]:
+    def _step_logits(self, ids: list[str], n_sched: list[int], n_comp: list[int], progress: bool = True,
+                     rows: list[int] | None = None) -> tuple[list[str], torch.Tensor]:
+        """The forward pass; logits of the last ``rows[i]`` (default 1) positions of each request
+        whose range reaches its known end, and each such row's request id."""
         if not ids:
             return [], torch.empty(0)
-        if self.micro_batch_overlap and len(ids) > 1:
+        if self.micro_batch_overlap and len(ids) > 1 and rows is None:
             return self._micro_batch_logits(ids, n_sched, n_comp)  # progress only at the end
-        inp = self._prepare(ids, n_sched, n_comp)
+        inp = self._prepare(ids, n_sched, n_comp, rows)
         if self.kv_pool is not None and progress:
             layer_done = self.kv_pool.layer_done
             inp.meta.on_layer_stored = lambda index: layer_done(index + 1)
@@ -233,7 +266,8 @@ class ModelRunner:
         logits = [self.model.compute_logits(h[p.sample_rows]) for h, p in zip(hiddens, parts)]
         return parts[0].sample_req_ids + parts[1].sample_req_ids, torch.cat(logits)
 
-    def _prepare(self, ids: list[str], num_scheduled: list[int], num_computed: list[int]) -> "StepInputs":
+    def _prepare(self, ids: list[str], num_scheduled: list[int], num_computed: list[int],
+                 rows: list[int] | None = None) -> "StepInputs":
         n_sched = np.asarray(num_scheduled, dtype=np.int64)
         n_comp = np.asarray(num_computed, dtype=np.int64)
         states = [self.requests[r] for r in ids]
@@ -251,13 +285,16 @@ class ModelRunner:
             table[i, : len(s.block_ids)] = s.block_ids
         row_req = np.repeat(np.arange(len(states)), n_sched)
         slots = table[row_req, positions // self.block_size] * self.block_size + positions % self.block_size
-        sample_mask = ends == np.asarray([len(s.token_ids) for s in states])
+        sel = np.nonzero(ends == np.asarray([len(s.token_ids) for s in states]))[0]  # they sample
+        per = np.ones(len(sel), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)[sel]
+        last = starts[sel] + n_sched[sel]  # one past each sampling request's last row
+        sample_rows = np.repeat(last - per, per) + np.arange(int(per.sum())) - np.repeat(np.cumsum(per) - per, per)
         return StepInputs(
             input_ids=torch.tensor(tokens, dtype=torch.int64),
             positions=torch.from_numpy(positions),
             meta=self._attention_metadata(n_sched, n_comp, starts, ends, table, slots),
-            sample_rows=torch.from_numpy(starts[sample_mask] + n_sched[sample_mask] - 1),
-            sample_req_ids=[ids[i] for i in np.nonzero(sample_mask)[0].tolist()],
+            sample_rows=torch.from_numpy(sample_rows),
+            sample_req_ids=[ids[i] for i, k in zip(sel.tolist(), per.tolist()) for _ in range(k)],
         )
 
     def _attention_metadata(self, n_sched, n_comp, starts, ends, table, slots) -> AttentionMetadata:

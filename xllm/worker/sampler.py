@@ -72,14 +72,7 @@ class Sampler:
         if batch.all_greedy:
             return greedy
         is_greedy = (batch.temperature == 0.0) | (batch.top_k == 1)
-        temp = torch.where(is_greedy, torch.ones_like(batch.temperature), batch.temperature)
-        logits = logits / temp.unsqueeze(1)
-        if batch.needs_sort:
-            logits = self._top_k_top_p(logits, batch.top_k, batch.top_p)
-        probs = torch.softmax(logits, dim=-1)
-        if bool((batch.min_p > 0).any()):
-            keep = probs >= batch.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-            probs = probs * keep
+        probs = self.probs(logits, batch, normalize=False)
         noise = torch.empty_like(probs)
         shared = [i for i, g in enumerate(batch.generators) if g is None]
         if shared:
@@ -89,6 +82,22 @@ class Sampler:
                 noise[i].exponential_(generator=g)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(is_greedy, greedy, sampled)
+
+    def probs(self, logits: torch.Tensor, batch: SamplingBatch, normalize: bool = True) -> torch.Tensor:
+        """The distribution each row samples from (B, V): temperature, then top-k and top-p,
+        then min-p. Greedy rows come out at temperature 1 (their callers take the arg-max)."""
+        is_greedy = (batch.temperature == 0.0) | (batch.top_k == 1)
+        temp = torch.where(is_greedy, torch.ones_like(batch.temperature), batch.temperature)
+        logits = logits / temp.unsqueeze(1)
+        if batch.needs_sort:
+            logits = self._top_k_top_p(logits, batch.top_k, batch.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        if bool((batch.min_p > 0).any()):
+            keep = probs >= batch.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            probs = probs * keep
+            if normalize:
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs
 
     @staticmethod
     def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

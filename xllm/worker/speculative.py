@@ -1,0 +1,115 @@
+"""A speculative step on the worker: drafts into each request's planned room, one target
+forward over them, verification, and the kept tokens committed.
+
+The scheduler planned each decoding request ``1 + k`` positions (``xllm.spec``). Here the
+proposer fills up to k of them; the forward pass returns the logits of the request's last
+known token and of every draft; ``xllm.spec.verify`` keeps a prefix of the drafts plus
+one token of the target's own. A request with no drafts samples one token as usual.
+
+Every sampling parameter applies to each draft row as it would had the earlier drafts
+been sampled: processors see the history up to that row, and a seeded request's row j
+draws its randomness from (seed, its output index + j).
+
+NOTE: structured-output requests get no drafts (their grammar would have to walk the
+drafts; ``grammar.py`` says how that would go).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..spec import Proposer
+from ..spec.verify import verify_greedy, verify_sampled
+from .logits_processors import apply_processors
+from .sampler import SamplingBatch, seed_for_token
+
+if TYPE_CHECKING:
+    from .model_runner import ModelRunner, RequestState, _LogprobRows
+
+
+@dataclass
+class SpecStats:
+    """Per step: draft tokens proposed and kept, by request."""
+
+    proposed: dict[str, int]
+    accepted: dict[str, int]
+
+
+class Speculator:
+    """Proposes, verifies and commits one speculative step of a ``ModelRunner``."""
+
+    def __init__(self, proposer: Proposer) -> None:
+        self.proposer = proposer
+
+    def execute(self, runner: "ModelRunner", step_id: int, ranges: list[tuple[str, int, int]],
+                logprobs: "_LogprobRows") -> tuple[list[str], list[int], SpecStats]:
+        """Run the step; (request id per token, tokens) in order, and the draft counts."""
+        drafts: dict[str, list[int]] = {}
+        known: dict[str, int] = {}
+        for rid, _, end in ranges:
+            state = runner.requests[rid]
+            known[rid] = len(state.token_ids)
+            room = end - known[rid]
+            drafts[rid] = (self.proposer.propose(rid, room)
+                           if room > 0 and state.sampling.structured is None else [])
+            state.token_ids.extend(drafts[rid])
+        try:
+            rows = [len(drafts[rid]) + 1 for rid, _, _ in ranges]
+            row_ids, logits = runner.forward_ranges(step_id, ranges, rows)
+        finally:
+            for rid, n in known.items():
+                del runner.requests[rid].token_ids[n:]
+        order = list(dict.fromkeys(row_ids))  # the sampling requests, each once, in row order
+        first = {rid: i for i, rid in reversed(list(enumerate(row_ids)))}
+        plain = [rid for rid in order if not drafts[rid]]
+        out_ids: list[str] = []
+        out_tokens: list[int] = []
+        if plain:
+            idx = torch.tensor([first[rid] for rid in plain])
+            out_tokens += runner._sample(plain, logits[idx], logprobs)
+            out_ids += plain
+        stats = SpecStats({}, {})
+        for rid in order:
+            if not drafts[rid]:
+                continue
+            d = drafts[rid]
+            rows_logits = logits[first[rid]: first[rid] + len(d) + 1]
+            raw = rows_logits.clone() if runner.requests[rid].sampling.logprobs is not None else None
+            kept = self._verify(runner, rid, rows_logits, d)
+            n = runner.commit(rid, kept)
+            out_ids += [rid] * n
+            out_tokens += kept[:n]
+            stats.proposed[rid] = len(d)
+            stats.accepted[rid] = len(kept) - 1
+            if raw is not None:
+                logprobs.add([rid] * n, raw[:n], torch.tensor(kept[:n]))
+        return out_ids, out_tokens, stats
+
+    def _verify(self, runner: "ModelRunner", rid: str, logits: torch.Tensor, drafts: list[int]) -> list[int]:
+        """Tokens kept of ``drafts`` by the target's rows ``logits`` ((k+1), V)."""
+        state = runner.requests[rid]
+        if state.has_processors:
+            views = [_history(state, drafts[:j]) for j in range(len(drafts) + 1)]
+            apply_processors(logits, views)
+        sp = state.sampling
+        if sp.temperature == 0.0 or sp.top_k == 1:
+            return verify_greedy(logits.argmax(dim=-1).tolist(), drafts)
+        batch = SamplingBatch.build([sp] * len(logits), [None] * len(logits), runner.spec.vocab_size)
+        probs = runner.sampler.probs(logits, batch)
+        n_out = len(state.token_ids) - state.num_prompt_tokens
+
+        def generator(j: int) -> torch.Generator:
+            if state.generator is None:
+                return runner.sampler.generator
+            seed_for_token(state.generator, sp.seed, n_out + j)
+            return state.generator
+
+        return verify_sampled(probs, drafts, generator)
+
+
+def _history(state: "RequestState", drafts: list[int]) -> "RequestState":
+    """The request as it would stand after ``drafts`` (what the processors read)."""
+    return replace(state, token_ids=state.token_ids + drafts) if drafts else state
