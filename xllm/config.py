@@ -131,16 +131,17 @@ class HttpConfig:
             reasoning.reasoning_parser(self.reasoning_parser)
 
 
-SPECULATIVE_METHODS = ("suffix", "ngram")
+SPECULATIVE_METHODS = ("suffix", "ngram", "draft")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Speculative decoding (``xllm.spec``); ``method`` "" means off."""
 
-    method: str = ""  # "suffix" (frequency-weighted suffix match) or "ngram" (prompt lookup)
+    method: str = ""  # "suffix" (frequency-weighted suffix match), "ngram" (prompt lookup), "draft"
     num_tokens: int = 4  # draft tokens a request may verify per step
     max_batch: int = 8  # a step with more decoding requests than this does not speculate
+    draft_model: str = ""  # "draft": the draft model's directory (resolved by the launcher)
 
     def __post_init__(self) -> None:
         if self.method and self.method not in SPECULATIVE_METHODS:
@@ -150,6 +151,8 @@ class SpeculativeConfig:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_tokens}")
         if self.max_batch < 1:
             raise ValueError(f"speculative max batch must be at least 1, got {self.max_batch}")
+        if (self.method == "draft") != bool(self.draft_model):
+            raise ValueError("--speculative draft needs --draft-model (and --draft-model needs --speculative draft)")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ VARIANTS = {
     "multi-step-preemption": ("--num-continuous-decode-steps", "4", "--num-kv-blocks", "20", "--block-size", "8"),
     "spec-suffix": ("--speculative", "suffix", "--speculative-max-batch", "64"),
     "spec-sync": ("--speculative", "suffix", "--no-async-scheduling", "--speculative-max-batch", "64"),
+    "spec-draft": ("--speculative", "draft", "--draft-model", "preset:tiny-llama", "--speculative-max-batch", "64"),
+    "spec-draft-preemption": ("--speculative", "draft", "--draft-model", "preset:tiny-qwen2",
+                              "--speculative-max-batch", "64", "--num-kv-blocks", "20", "--block-size", "8"),
     "spec-chunked-preemption": ("--speculative", "suffix", "--num-speculative-tokens", "6",
                                 "--speculative-max-batch", "64", "--max-num-batched-tokens", "7",
                                 "--num-kv-blocks", "20", "--block-size", "8"),
@@ -78,8 +81,15 @@ def test_variant_output_equals_the_reference(variant, reference, tmp_path):
     if variant.endswith("preemption"):
         assert stats["num_preemptions"] > 0
     assert (stats["num_continued_steps"] > 0) == variant.startswith("multi-step")
-    if variant.startswith("spec"):  # drafts were proposed and, from the outputs' loops, some kept
-        assert stats["spec_draft_tokens"] > 0 and stats["spec_accepted_tokens"] > 0
+    if variant.startswith("spec"):  # drafts were proposed and (the outputs loop; a draft model
+        # that is the target itself) some kept; tiny-qwen2 drafting for tiny-llama is nearly always wrong
+        assert stats["spec_draft_tokens"] > 0
+        if "preset:tiny-qwen2" in VARIANTS[variant]:
+            assert stats["spec_accepted_tokens"] < 0.1 * stats["spec_draft_tokens"]
+        else:
+            assert stats["spec_accepted_tokens"] > 0
+    if variant == "spec-draft":
+        assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"]
     if variant in ("prefix-cache", "async", "chunked-7", "preemption"):
         assert (stats["prefix_cache_hits"] > 0) == (variant != "async")
     if variant == "plain":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xllm.config import CacheConfig, ModelConfig, read_hf_config
+from xllm.config import CacheConfig, ModelConfig, SpeculativeConfig, read_hf_config
 from xllm.protocol import NewRequestData, SamplingParams, StepPlan
 from xllm.worker.model_runner import ModelRunner
 from xllm_tools import make_model
@@ -34,8 +34,8 @@ class FixedDraft:
     def extend(self, req_id, token_ids):
         pass
 
-    def propose(self, req_id, max_tokens):
-        return self.draft[:max_tokens]
+    def propose(self, wanted):
+        return {rid: self.draft[:n] for rid, n in wanted.items()}
 
     def drop(self, req_id):
         pass
@@ -53,7 +53,8 @@ def one_thread():
 @pytest.mark.slow
 def test_first_token_of_a_speculative_step_follows_the_target_distribution(tmp_path, one_thread):
     path = make_model("tiny-llama", tmp_path / "m")
-    runner = ModelRunner(ModelConfig(str(path)), CacheConfig(16, 16), read_hf_config(path), speculative="suffix")
+    runner = ModelRunner(ModelConfig(str(path)), CacheConfig(16, 16), read_hf_config(path),
+                         speculative=SpeculativeConfig("suffix"))
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46]
     sampling = SamplingParams(max_tokens=8, temperature=0.8, top_p=1.0, top_k=TOP_K, min_p=0.0)
     greedy = SamplingParams(max_tokens=8, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)

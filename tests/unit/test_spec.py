@@ -11,19 +11,19 @@ from xllm.spec.verify import verify_greedy, verify_sampled
 def test_suffix_proposes_what_followed_the_longest_match_scaled_by_its_length():
     p = SuffixProposer()
     p.add("a", [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4], 9)
-    assert p.propose("a", 8) == [5, 6, 7, 8]  # a 4-token match earns 4 tokens
-    assert p.propose("a", 2) == [5, 6]
+    assert p.draft("a", 8) == [5, 6, 7, 8]  # a 4-token match earns 4 tokens
+    assert p.draft("a", 2) == [5, 6]
     p.extend("a", [5, 6])
-    assert p.propose("a", 8)[:3] == [7, 8, 9]
+    assert p.draft("a", 8)[:3] == [7, 8, 9]
 
 
 def test_suffix_picks_the_most_frequent_continuation_and_respects_the_floor():
     p = SuffixProposer(min_prob=0.5)
     p.add("a", [7, 1, 7, 1, 7, 2, 7, 1, 9, 7], 10)  # after 7: 1 three times, 2 once
-    assert p.propose("a", 1) == [1]
+    assert p.draft("a", 1) == [1]
     q = SuffixProposer(min_prob=0.9)
     q.add("a", [7, 1, 7, 1, 7, 2, 7, 1, 9, 7], 10)
-    assert q.propose("a", 1) == []  # 3/4 < 0.9
+    assert q.draft("a", 1) == []  # 3/4 < 0.9
 
 
 def test_shared_index_learns_from_finished_requests_only_within_its_window():
@@ -32,20 +32,20 @@ def test_shared_index_learns_from_finished_requests_only_within_its_window():
     p.extend("a", [50, 51, 52, 53])
     p.drop("a")
     p.add("b", [3, 50, 51], 3)
-    assert p.propose("b", 2) == [52, 53]  # b's own tokens never saw 51 -> 52
+    assert p.draft("b", 2) == [52, 53]  # b's own tokens never saw 51 -> 52
     p.add("c", [8, 9], 2)
     p.extend("c", [60, 61])
     p.drop("c")  # pushes a's output out of the one-request window
     p.add("d", [50, 51], 2)
-    assert p.propose("d", 2) == []
+    assert p.draft("d", 2) == []
 
 
 def test_ngram_needs_n_tokens_of_match():
     p = SuffixProposer.ngram(3)
     p.add("a", [1, 2, 3, 4, 5, 9, 1, 2, 3], 9)
-    assert p.propose("a", 3) == [4, 5, 9]
+    assert p.draft("a", 3) == [4, 5, 9]
     p.add("b", [4, 2, 3, 9, 8, 2, 3], 7)  # only a 2-token match
-    assert p.propose("b", 3) == []
+    assert p.draft("b", 3) == []
 
 
 def test_greedy_keeps_the_agreeing_prefix_and_one_token_of_the_target():

@@ -85,11 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "them; a new request waits at most for the steps in flight")
     s.add_argument("--speculative", default="", choices=["", *SPECULATIVE_METHODS],
                    help="speculative decoding: suffix (drafts from what followed the same tokens in the "
-                        "request and in recent ones) or ngram (prompt lookup)")
+                        "request and in recent ones), ngram (prompt lookup) or draft (--draft-model)")
     s.add_argument("--num-speculative-tokens", type=int, default=4,
                    help="draft tokens a request verifies per step at most (with --speculative)")
     s.add_argument("--speculative-max-batch", type=int, default=8,
                    help="steps decoding more requests than this do not speculate")
+    s.add_argument("--draft-model", default="",
+                   help="with --speculative draft: a small model with the same tokenizer (directory, GGUF "
+                        "file or preset:NAME), run ahead on each worker")
     s.add_argument("--max-queued-requests", type=int, default=10_000,
                    help="waiting requests beyond this are refused")
     s.add_argument("--worker-stall-timeout", type=float, default=10.0,
@@ -235,7 +238,8 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser),
         router=RouterConfig(policy=args.router_policy, pd_short_prompt=args.pd_short_prompt),
         speculative=SpeculativeConfig(method=args.speculative, num_tokens=args.num_speculative_tokens,
-                                      max_batch=args.speculative_max_batch),
+                                      max_batch=args.speculative_max_batch,
+                                      draft_model=resolve_model_path(args.draft_model) if args.draft_model else ""),
     )
 
 

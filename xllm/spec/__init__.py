@@ -10,8 +10,9 @@ as one chunk and returns however many tokens were accepted; the scheduler settle
 shortfall (``Scheduler._settle``). Proposers live on the worker because it alone holds
 each request's newest tokens under async scheduling (and a draft model's weights).
 
-Proposers (``Proposer``): ``suffix`` (model-free: the request's own prompt and output,
-and optionally recent requests, ``suffix.py``).
+Proposers (``Proposer``): ``suffix`` and ``ngram`` (model-free: the request's own prompt
+and output, and recent requests, ``suffix.py``); ``draft`` (a small model with the same
+tokenizer, run on the same worker with its own KV pool and graphs, ``draft.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from typing import Protocol
 
 
 class Proposer(Protocol):
-    """Guesses what follows each request's tokens. Verbs: add, extend, propose, drop."""
+    """Guesses what follows each request's tokens. Verbs: add, extend, propose, drop.
+
+    NOTE: drafts are certain guesses (no distribution comes with them): verification keeps
+    a draft with the target's own probability of it, which keeps the output exactly the
+    target's for any proposer.
+    """
 
     def add(self, req_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
         """A request the worker starts holding, with its prompt and any outputs so far."""
@@ -28,21 +34,28 @@ class Proposer(Protocol):
     def extend(self, req_id: str, token_ids: list[int]) -> None:
         """Tokens the request gained (accepted or sampled), in order."""
 
-    def propose(self, req_id: str, max_tokens: int) -> list[int]:
-        """Up to ``max_tokens`` likely next tokens (maybe none) after the request's tokens."""
+    def propose(self, wanted: dict[str, int]) -> dict[str, list[int]]:
+        """For each request id, up to ``wanted[req_id]`` likely next tokens (maybe none)."""
 
     def drop(self, req_id: str) -> None:
         """The request ended or left this worker."""
 
 
-def make_proposer(method: str) -> Proposer | None:
-    """The proposer of ``--speculative METHOD`` (None when off)."""
-    from .suffix import SuffixProposer
-
+def make_proposer(method: str, **kw) -> Proposer | None:
+    """The proposer of ``--speculative METHOD`` (None when off); ``kw`` for ``draft``: the
+    draft model's runner settings (``xllm.spec.draft.DraftProposer``)."""
     if not method:
         return None
     if method == "suffix":
+        from .suffix import SuffixProposer
+
         return SuffixProposer(global_requests=64)
     if method == "ngram":
+        from .suffix import SuffixProposer
+
         return SuffixProposer.ngram()
+    if method == "draft":
+        from .draft import DraftProposer
+
+        return DraftProposer(**kw)
     raise ValueError(f"unknown speculative method {method!r}")

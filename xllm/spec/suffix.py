@@ -100,7 +100,11 @@ class SuffixProposer:
         seq.extend(token_ids)
         self.own[req_id].feed(seq, start)
 
-    def propose(self, req_id: str, max_tokens: int) -> list[int]:
+    def propose(self, wanted: dict[str, int]) -> dict[str, list[int]]:
+        return {rid: self.draft(rid, n) for rid, n in wanted.items()}
+
+    def draft(self, req_id: str, max_tokens: int) -> list[int]:
+        """Up to ``max_tokens`` tokens likely to follow the request's."""
         seq = self.tokens[req_id]
         draft: list[int] = []
         budget = max_tokens

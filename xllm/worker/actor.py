@@ -57,7 +57,7 @@ class WorkerActor(Actor):
         # an instance that hands KV to others keeps its pool where its KV agent can reach it
         shared = self.plan.kv_pool(inst, self.rank) if self.instance.role != "mixed" else ""
         self.runner = ModelRunner(self.cfg.model, self.cfg.cache, hf, tp, par.micro_batch_overlap, buckets,
-                                  shared_kv=shared, speculative=self.cfg.speculative.method)
+                                  shared_kv=shared, speculative=self.cfg.speculative)
         if self.runner.graphs is not None:
             self.runner.graphs.warm_up(progress=self.rank == 0)
         return {"rank": self.rank, "threads": threads}

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 import xllm_ops
 
-from ..config import CacheConfig, ModelConfig
+from ..config import CacheConfig, ModelConfig, SpeculativeConfig
 from ..layers.attention import AttentionMetadata, PrefillSpan
 from ..layers.parallel import SINGLE, TPGroup
 from ..models.loader import iter_weights
@@ -66,7 +66,8 @@ class ModelRunner:
 
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, hf_config: dict,
                  tp: TPGroup = SINGLE, micro_batch_overlap: bool = False,
-                 graph_buckets: list[int] | None = None, shared_kv: str = "", speculative: str = "") -> None:
+                 graph_buckets: list[int] | None = None, shared_kv: str = "",
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.spec = DecoderSpec.from_hf(hf_config)
         self.dtype = DTYPES[model_cfg.dtype]
         self.block_size = cache_cfg.block_size
@@ -89,7 +90,10 @@ class ModelRunner:
         self.grammars = GrammarRows(lambda: _grammar_compiler(model_cfg.path, self.spec.vocab_size),
                                     enabled=tp.rank == 0)
         self.requests: dict[str, RequestState] = {}
-        self.proposer = make_proposer(speculative)  # speculative decoding's drafts (None: off)
+        spec = speculative or SpeculativeConfig()
+        draft = {"target": self, "model": replace(model_cfg, path=spec.draft_model, enforce_eager=False),
+                 "cache": cache_cfg, "graph_buckets": graph_buckets} if spec.method == "draft" else {}
+        self.proposer = make_proposer(spec.method, **draft)  # speculative decoding's drafts (None: off)
         self.speculator = Speculator(self.proposer) if self.proposer is not None else None
         self.graphs: DecodeGraphs | None = None
         if graph_buckets:
@@ -102,7 +106,8 @@ class ModelRunner:
         for rid in plan.finished_req_ids:
             self.requests.pop(rid, None)
             self.grammars.drop(rid)
-            if self.proposer is not None:
+            if self.speculator is not None:
+                self.speculator.drop(rid)
                 self.proposer.drop(rid)
         for new in plan.new_requests:
             seed = new.sampling.seed

@@ -43,19 +43,30 @@ class Speculator:
 
     def __init__(self, proposer: Proposer) -> None:
         self.proposer = proposer
+        self.accepted: dict[str, float] = {}  # req id -> recent drafts kept per step (moving mean)
+
+    def _limit(self, rid: str, room: int) -> int:
+        """Drafts to ask for: one more than the request kept lately, within its room (a
+        request whose drafts keep failing verifies one draft, not k)."""
+        recent = self.accepted.get(rid)
+        return room if recent is None else max(1, min(room, int(recent) + 2))
+
+    def _observe(self, rid: str, kept: int) -> None:
+        recent = self.accepted.get(rid)
+        self.accepted[rid] = kept if recent is None else 0.5 * recent + 0.5 * kept
+
+    def drop(self, rid: str) -> None:
+        self.accepted.pop(rid, None)
 
     def execute(self, runner: "ModelRunner", step_id: int, ranges: list[tuple[str, int, int]],
                 logprobs: "_LogprobRows") -> tuple[list[str], list[int], SpecStats]:
         """Run the step; (request id per token, tokens) in order, and the draft counts."""
-        drafts: dict[str, list[int]] = {}
-        known: dict[str, int] = {}
-        for rid, _, end in ranges:
-            state = runner.requests[rid]
-            known[rid] = len(state.token_ids)
-            room = end - known[rid]
-            drafts[rid] = (self.proposer.propose(rid, room)
-                           if room > 0 and state.sampling.structured is None else [])
-            state.token_ids.extend(drafts[rid])
+        known = {rid: len(runner.requests[rid].token_ids) for rid, _, _ in ranges}
+        wanted = {rid: self._limit(rid, end - known[rid]) for rid, _, end in ranges
+                  if end > known[rid] and runner.requests[rid].sampling.structured is None}
+        drafts = {rid: [] for rid in known} | self.proposer.propose(wanted) if wanted else {rid: [] for rid in known}
+        for rid, d in drafts.items():
+            runner.requests[rid].token_ids.extend(d)
         try:
             rows = [len(drafts[rid]) + 1 for rid, _, _ in ranges]
             row_ids, logits = runner.forward_ranges(step_id, ranges, rows)
@@ -84,6 +95,7 @@ class Speculator:
             out_tokens += kept[:n]
             stats.proposed[rid] = len(d)
             stats.accepted[rid] = len(kept) - 1
+            self._observe(rid, len(kept) - 1)
             if raw is not None:
                 logprobs.add([rid] * n, raw[:n], torch.tensor(kept[:n]))
         return out_ids, out_tokens, stats
