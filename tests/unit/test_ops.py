@@ -149,8 +149,9 @@ def test_packed_linear_inside_a_compiled_graph():
     torch.testing.assert_close(fn(x).float(), torch.relu(F.linear(x.float(), w.float())), atol=0.1, rtol=0.02)
 
 
-def test_packing_skips_float32():
-    assert linear.pack(torch.randn(4, 4)) is None
+def test_float32_weights_get_no_packed_copy():
+    packed = linear.pack(torch.randn(4, 4))
+    assert packed is None or (packed.tensor is None and packed.small == linear._small_f32_op())
 
 
 def _small_linear_or_skip():
@@ -182,6 +183,49 @@ def test_small_linear_rows_do_not_depend_on_the_batch():
     x = torch.randn(16, 768, generator=g).bfloat16()
     alone = torch.cat([torch.ops.xllm_cpu.small_linear(x[i:i + 1], w, None) for i in range(16)])
     assert torch.equal(torch.ops.xllm_cpu.small_linear(x, w, None), alone)
+
+
+def _small_f32_or_skip():
+    if not linear._small_f32_op():
+        pytest.skip("no AVX2 + FMA (or no native module) here: float32 decode linears use F.linear")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("n, k", [(96, 64), (5, 77), (4099, 256)])
+def test_small_linear_f32_matches_f_linear(rows, n, k):
+    """The float32 decode kernel: any row count it takes, K with a tail, N not a multiple
+    of its tiles (4, or 8 for one row), a bias."""
+    _small_f32_or_skip()
+    g = torch.Generator().manual_seed(rows * n + k)
+    w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(rows, k, generator=g)
+    ref = F.linear(x.double(), w.double(), b.double())
+    out = torch.ops.xllm_cpu.small_linear_f32(x, w, b)
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    # float32 sums of k products: rounding grows about as sqrt(k)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 * math.sqrt(k), rtol=1e-5)
+
+
+def test_small_linear_f32_rows_do_not_depend_on_the_batch():
+    _small_f32_or_skip()
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 768, generator=g)
+    x = torch.randn(16, 768, generator=g)
+    alone = torch.cat([torch.ops.xllm_cpu.small_linear_f32(x[i:i + 1], w, None) for i in range(16)])
+    assert torch.equal(torch.ops.xllm_cpu.small_linear_f32(x, w, None), alone)
+
+
+def test_float32_decode_rows_take_the_kernel_in_and_out_of_a_graph():
+    _small_f32_or_skip()
+    g = torch.Generator().manual_seed(6)
+    w, x = torch.randn(96, 64, generator=g), torch.randn(linear.SMALL_ROWS, 64, generator=g)
+    ref = torch.ops.xllm_cpu.small_linear_f32(x, w, None)
+    packed = linear.pack(w)
+    assert packed is not None and packed.small
+    assert torch.equal(linear.linear(x, w, packed), ref)
+    fn = torch.compile(lambda t: linear.linear(t, w, packed), fullgraph=True)
+    assert torch.equal(fn(x), ref)
+    many = torch.randn(linear.SMALL_ROWS + 1, 64, generator=g)  # more rows: F.linear
+    torch.testing.assert_close(linear.linear(many, w, packed), F.linear(many, w))
 
 
 def test_small_linear_serves_decode_rows_in_and_out_of_a_graph():
