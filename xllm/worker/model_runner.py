@@ -17,7 +17,6 @@ import torch
 import xllm_ops
 
 from ..config import CacheConfig, ModelConfig, SpeculativeConfig
-from ..layers.attention import AttentionMetadata, PrefillSpan
 from ..layers.parallel import SINGLE, TPGroup
 from ..models.loader import iter_weights
 from ..models.registry import model_class
@@ -30,6 +29,7 @@ from .kv_cache import allocate_kv_cache
 from .logits_processors import apply_processors
 from .sampler import Sampler, SamplingBatch, seed_for_token, token_logprobs
 from .speculative import Speculator
+from .step_inputs import StepInputs, step_inputs
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,6 @@ class RequestState:
     eos_token_ids: list[int]
     has_processors: bool  # bias, penalties or min_tokens apply
     done: bool = False  # its last sampled token ended it (the scheduler will drop it)
-
-
-@dataclass
-class StepInputs:
-    """The flattened tensors of one step."""
-
-    input_ids: torch.Tensor  # (T,)
-    positions: torch.Tensor  # (T,)
-    meta: AttentionMetadata
-    sample_rows: torch.Tensor  # (S,) rows whose logits are sampled
-    sample_req_ids: list[str]  # (S,) their requests
 
 
 class ModelRunner:
@@ -272,53 +261,10 @@ class ModelRunner:
         return parts[0].sample_req_ids + parts[1].sample_req_ids, torch.cat(logits)
 
     def _prepare(self, ids: list[str], num_scheduled: list[int], num_computed: list[int],
-                 rows: list[int] | None = None) -> "StepInputs":
-        n_sched = np.asarray(num_scheduled, dtype=np.int64)
-        n_comp = np.asarray(num_computed, dtype=np.int64)
+                 rows: list[int] | None = None) -> StepInputs:
         states = [self.requests[r] for r in ids]
-        ends = n_comp + n_sched
-        total = int(n_sched.sum())
-        starts = np.cumsum(n_sched) - n_sched  # first row of each request
-        # positions: n_comp[i] .. ends[i]-1 for each request, flattened
-        positions = np.arange(total, dtype=np.int64) - np.repeat(starts - n_comp, n_sched)
-        tokens: list[int] = []
-        for s, c, e in zip(states, n_comp.tolist(), ends.tolist()):
-            tokens.extend(s.token_ids[c:e])
-        max_blocks = max(len(s.block_ids) for s in states)
-        table = np.zeros((len(states), max_blocks), dtype=np.int64)
-        for i, s in enumerate(states):
-            table[i, : len(s.block_ids)] = s.block_ids
-        row_req = np.repeat(np.arange(len(states)), n_sched)
-        slots = table[row_req, positions // self.block_size] * self.block_size + positions % self.block_size
-        sel = np.nonzero(ends == np.asarray([len(s.token_ids) for s in states]))[0]  # they sample
-        per = np.ones(len(sel), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)[sel]
-        last = starts[sel] + n_sched[sel]  # one past each sampling request's last row
-        sample_rows = np.repeat(last - per, per) + np.arange(int(per.sum())) - np.repeat(np.cumsum(per) - per, per)
-        return StepInputs(
-            input_ids=torch.tensor(tokens, dtype=torch.int64),
-            positions=torch.from_numpy(positions),
-            meta=self._attention_metadata(n_sched, n_comp, starts, ends, table, slots),
-            sample_rows=torch.from_numpy(sample_rows),
-            sample_req_ids=[ids[i] for i, k in zip(sel.tolist(), per.tolist()) for _ in range(k)],
-        )
-
-    def _attention_metadata(self, n_sched, n_comp, starts, ends, table, slots) -> AttentionMetadata:
-        decode = n_sched == 1
-        table_t = torch.from_numpy(table)
-        meta = AttentionMetadata(slot_mapping=torch.from_numpy(slots), decode_rows=None,
-                                 decode_block_tables=None, decode_seq_lens=None)
-        if decode.any():
-            idx = np.nonzero(decode)[0]
-            seq_lens = ends[idx]
-            blocks_needed = -(-int(seq_lens.max()) // self.block_size)
-            meta.decode_rows = torch.from_numpy(starts[idx])
-            meta.decode_block_tables = table_t[torch.from_numpy(idx), :blocks_needed]
-            meta.decode_seq_lens = torch.from_numpy(seq_lens)
-            meta.max_decode_len = int(seq_lens.max())
-            meta.all_decode = bool(decode.all())
-        for i in np.nonzero(~decode)[0].tolist():
-            meta.prefills.append(PrefillSpan(int(starts[i]), int(n_sched[i]), int(n_comp[i]), table_t[i]))
-        return meta
+        return step_inputs(ids, [s.token_ids for s in states], [s.block_ids for s in states], num_scheduled,
+                           num_computed, self.block_size, rows)
 
 
 class _LogprobRows:
