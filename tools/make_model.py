@@ -106,6 +106,8 @@ def make_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp, max_shard_size=_max_shard_size(model, shards))
+        if getattr(model.config, "num_nextn_predict_layers", 0):
+            _add_mtp_layers(tmp, model, get_preset(preset), seed)
         _save_tokenizer(tokenizer, get_preset(preset).tokenizer_family, tmp)
         stamp = {"preset": preset, "seed": seed, "dtype": str(model.config.dtype).removeprefix("torch."),
                  "shards": shards, "maker_version": MAKER_VERSION}
@@ -117,6 +119,43 @@ def make_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@torch.no_grad()
+def _add_mtp_layers(directory: Path, model: PreTrainedModel, spec: Preset, seed: int) -> None:
+    """Write DeepSeek-V3-style multi-token-prediction layers after the decoder's, as
+    ``model.layers.{n}...`` with n from ``num_hidden_layers``: ``enorm``, ``hnorm``,
+    ``eh_proj`` (hidden, 2 * hidden), ``shared_head.norm`` and a decoder layer shaped like the
+    model's own (attention, MLP, their norms). The embedding and the output head are the
+    model's (DeepSeek-V3 repeats them in the layer; a reader may take either)."""
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if len(files) != 1:
+        raise NotImplementedError("MTP layers are written into a single-file checkpoint only")
+    tensors = load_file(files[0])
+    cfg = model.config
+    dtype = next(iter(tensors.values())).dtype
+    gen = torch.Generator().manual_seed(seed + 1)
+    template = {k.split(".", 3)[3]: v for k, v in tensors.items() if k.startswith("model.layers.0.")}
+    hidden = cfg.hidden_size
+    for i in range(cfg.num_nextn_predict_layers):
+        prefix = f"model.layers.{cfg.num_hidden_layers + i}."
+        extra = {name: torch.empty(t.shape) for name, t in template.items()}
+        extra.update({"enorm.weight": torch.empty(hidden), "hnorm.weight": torch.empty(hidden),
+                      "shared_head.norm.weight": torch.empty(hidden), "eh_proj.weight": torch.empty(hidden, 2 * hidden)})
+        for name in sorted(extra):
+            t = extra[name]
+            if t.ndim >= 2:
+                t.normal_(0.0, spec.init_std, generator=gen)
+            elif name.endswith("bias"):
+                t.normal_(0.0, 0.1, generator=gen) if spec.wide_init else t.zero_()
+            elif spec.wide_init:
+                t.normal_(1.0, 0.05, generator=gen)
+            else:
+                t.fill_(1.0)
+            tensors[prefix + name] = t.to(dtype).contiguous()
+    save_file(tensors, files[0], metadata={"format": "pt"})
 
 
 def _make_readable(directory: Path) -> None:

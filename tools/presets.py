@@ -91,6 +91,10 @@ _PRESET_LIST = [
         "tiny-qwen2-rope-yarn", "qwen2", "Qwen2ForCausalLM", "chatml",
         tie_word_embeddings=True, rope_parameters=_YARN_ROPE,
     ),
+    # One multi-token-prediction layer after the decoder, DeepSeek-V3 style (the model maker
+    # writes its weights as layer num_hidden_layers; transformers loads the rest and skips it).
+    _tiny("tiny-llama-mtp", "llama", "LlamaForCausalLM", "llama3", tie_word_embeddings=False,
+          num_nextn_predict_layers=1),
     Preset(
         name="llama-110m",
         model_type="llama",

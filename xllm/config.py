@@ -131,14 +131,14 @@ class HttpConfig:
             reasoning.reasoning_parser(self.reasoning_parser)
 
 
-SPECULATIVE_METHODS = ("suffix", "ngram", "draft")
+SPECULATIVE_METHODS = ("suffix", "ngram", "draft", "mtp")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Speculative decoding (``xllm.spec``); ``method`` "" means off."""
 
-    method: str = ""  # "suffix" (frequency-weighted suffix match), "ngram" (prompt lookup), "draft"
+    method: str = ""  # "suffix" (suffix match), "ngram" (prompt lookup), "draft" (a model), "mtp"
     num_tokens: int = 4  # draft tokens a request may verify per step
     max_batch: int = 8  # a step with more decoding requests than this does not speculate
     draft_model: str = ""  # "draft": the draft model's directory (resolved by the launcher)

@@ -9,6 +9,7 @@ import asyncio
 import pytest
 import torch
 
+from tests.deploy import launch
 from tests.http.shim import serve_http
 from tests.integration.test_disaggregation import metric
 from tests.reference import assert_greedy_equal, hf_greedy
@@ -55,3 +56,28 @@ def test_speculation_keeps_greedy_output_on_the_real_model(method, smollm2, task
     assert metric(metrics, "xllm:spec_decode_num_accepted_tokens") == stats["spec_accepted_tokens"]
     per_pos = stats["spec_accepted_per_position"]
     assert sum(per_pos) == stats["spec_accepted_tokens"] and per_pos == sorted(per_pos, reverse=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [(), ("--max-num-batched-tokens", "7", "--num-kv-blocks", "20", "--block-size", "8")],
+                         ids=["plain", "chunked-preemption"])
+def test_mtp_speculation_keeps_greedy_output(flags, make_tiny, tmp_path):
+    """The checkpoint's MTP layer drafts (random here, so few drafts are kept); the output is
+    transformers' (which skips the MTP layer) token for token, with prefix caching, async
+    scheduling, chunked prefill and preemption."""
+    from tests.integration.test_scheduling_equality import workload
+    from tests.reference import generate_all
+
+    path = str(make_tiny("tiny-llama-mtp"))
+    prompts, max_tokens = workload()
+    with launch(path, tmp_path, "--speculative", "mtp", "--speculative-max-batch", "64", *flags) as dep:
+        outs = asyncio.run(generate_all(dep.address, prompts, max_tokens))
+        async def stats():
+            async with AsyncClient(dep.address) as c:
+                return await c.call("stats")
+        st = asyncio.run(stats())
+    for prompt, out, n in zip(prompts, outs, max_tokens):
+        assert_greedy_equal(path, prompt, out, hf_greedy(path, prompt, n))
+    assert st["spec_draft_tokens"] > 0
+    if flags:
+        assert st["num_preemptions"] > 0

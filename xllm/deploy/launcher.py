@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "them; a new request waits at most for the steps in flight")
     s.add_argument("--speculative", default="", choices=["", *SPECULATIVE_METHODS],
                    help="speculative decoding: suffix (drafts from what followed the same tokens in the "
-                        "request and in recent ones), ngram (prompt lookup) or draft (--draft-model)")
+                        "request and in recent ones), ngram (prompt lookup), draft (--draft-model) or mtp "
+                        "(the checkpoint's own multi-token-prediction layer)")
     s.add_argument("--num-speculative-tokens", type=int, default=4,
                    help="draft tokens a request verifies per step at most (with --speculative)")
     s.add_argument("--speculative-max-batch", type=int, default=8,
@@ -196,6 +197,9 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
     path = resolve_model_path(args.model)
     hf = read_hf_config(path)
     spec = DecoderSpec.from_hf(hf)
+    if args.speculative == "mtp" and spec.num_mtp_layers < 1:
+        raise ValueError("--speculative mtp needs a checkpoint with a multi-token-prediction layer "
+                         "(num_nextn_predict_layers in its config); this one has none")
     dtype = args.dtype
     if dtype == "auto":
         dtype = serving_dtype(hf)

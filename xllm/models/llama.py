@@ -75,6 +75,15 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def mtp_layer(name: str, spec: DecoderSpec) -> int | None:
+    """The index among the checkpoint's MTP layers of a tensor name (without ``model.``),
+    or None: MTP layers are numbered on from the decoder's (``layers.{num_layers + i}``)."""
+    if not spec.num_mtp_layers or not name.startswith("layers."):
+        return None
+    index = int(name.split(".", 2)[1]) - spec.num_layers
+    return index if index >= 0 else None
+
+
 class LlamaForCausalLM(nn.Module):
     """Token ids and positions of a flattened batch in; hidden states out."""
 
@@ -133,6 +142,8 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.spec.tie_word_embeddings:
                 continue
             name = name.removeprefix("model.")
+            if mtp_layer(name, self.spec) is not None:
+                continue  # a multi-token-prediction layer: xllm.models.mtp loads it
             path, _, kind = name.rpartition(".")
             mod_path, _, leaf = path.rpartition(".")
             part = 0

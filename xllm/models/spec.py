@@ -37,6 +37,7 @@ class DecoderSpec:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    num_mtp_layers: int = 0  # multi-token-prediction layers after the decoder (DeepSeek-V3 style)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "DecoderSpec":
@@ -65,4 +66,5 @@ class DecoderSpec:
             o_bias=attention_bias and model_type != "qwen2",
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
+            num_mtp_layers=int(hf.get("num_nextn_predict_layers") or 0),
         )

@@ -12,7 +12,9 @@ each request's newest tokens under async scheduling (and a draft model's weights
 
 Proposers (``Proposer``): ``suffix`` and ``ngram`` (model-free: the request's own prompt
 and output, and recent requests, ``suffix.py``); ``draft`` (a small model with the same
-tokenizer, run on the same worker with its own KV pool and graphs, ``draft.py``).
+tokenizer, run on the same worker with its own KV pool and graphs, ``draft.py``); ``mtp``
+(the checkpoint's own multi-token-prediction layer, fed the target's hidden states,
+``mtp.py``).
 """
 
 from __future__ import annotations
@@ -58,4 +60,8 @@ def make_proposer(method: str, **kw) -> Proposer | None:
         from .draft import DraftProposer
 
         return DraftProposer(**kw)
+    if method == "mtp":
+        from .mtp import MTPProposer
+
+        return MTPProposer(**kw)
     raise ValueError(f"unknown speculative method {method!r}")

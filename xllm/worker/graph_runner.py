@@ -52,9 +52,10 @@ class DecodeGraphs:
     """Compiled decode forward passes per batch bucket over a pool of static buffers."""
 
     def __init__(self, model, buckets: list[int], max_blocks_per_seq: int, pad_block: int,
-                 block_size: int) -> None:
+                 block_size: int, keep_hidden: bool = False) -> None:
         configure_compile_cache()
         self.model = model
+        self.keep_hidden = keep_hidden  # also return the final hidden states (an MTP layer reads them)
         self.buckets = sorted(buckets)
         self.pad_slot = pad_block * block_size
         n = self.buckets[-1]
@@ -73,7 +74,8 @@ class DecodeGraphs:
         meta = AttentionMetadata(slot_mapping=slots, decode_rows=None, decode_block_tables=block_tables,
                                  decode_seq_lens=seq_lens, all_decode=True)
         hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        return (logits, hidden) if self.keep_hidden else logits
 
     def bucket_for(self, batch: int) -> int | None:
         for b in self.buckets:
@@ -99,8 +101,9 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-            block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Logits (n, vocab) for a decode batch of n <= the largest bucket."""
+            block_tables: torch.Tensor, seq_lens: torch.Tensor):
+        """Logits (n, vocab) for a decode batch of n <= the largest bucket (with
+        ``keep_hidden``: and the final hidden states (n, hidden))."""
         n = input_ids.shape[0]
         b = self.bucket_for(n)
         width = block_tables.shape[1]
@@ -113,7 +116,8 @@ class DecodeGraphs:
         # warmed up (weights, buffers, caches), so only the guards that tell the buckets
         # apart run: evaluating all of them costs about 0.6 ms a step here.
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            logits = self._run_bucket(b)[:n]
+            out = self._run_bucket(b)
+        out = (out[0][:n], out[1][:n]) if self.keep_hidden else out[:n]
         self.runs[b] += 1
         if self.runs[b] == 1:
             log.info("decode graph for batch size %d in use", b)
@@ -121,4 +125,4 @@ class DecodeGraphs:
         self.slots[:n].fill_(self.pad_slot)
         self.block_tables[:n].fill_(self.pad_block)
         self.seq_lens[:n].fill_(1)
-        return logits
+        return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -79,16 +80,22 @@ class ModelRunner:
         self.grammars = GrammarRows(lambda: _grammar_compiler(model_cfg.path, self.spec.vocab_size),
                                     enabled=tp.rank == 0)
         self.requests: dict[str, RequestState] = {}
+        # the final hidden states of every position a forward computes, for an MTP proposer
+        self.hidden_sink: Callable[[list[str], list[int], list[int], torch.Tensor], None] | None = None
         spec = speculative or SpeculativeConfig()
-        draft = {"target": self, "model": replace(model_cfg, path=spec.draft_model, enforce_eager=False),
-                 "cache": cache_cfg, "graph_buckets": graph_buckets} if spec.method == "draft" else {}
-        self.proposer = make_proposer(spec.method, **draft)  # speculative decoding's drafts (None: off)
-        self.speculator = Speculator(self.proposer) if self.proposer is not None else None
         self.graphs: DecodeGraphs | None = None
         if graph_buckets:
             max_blocks = -(-model_cfg.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, graph_buckets, max_blocks, cache_cfg.num_blocks,
-                                       self.block_size)
+                                       self.block_size, keep_hidden=spec.method == "mtp")
+        extra = {}
+        if spec.method == "draft":
+            extra = {"target": self, "model": replace(model_cfg, path=spec.draft_model, enforce_eager=False),
+                     "cache": cache_cfg, "graph_buckets": graph_buckets}
+        elif spec.method == "mtp":
+            extra = {"target": self, "path": model_cfg.path, "cache": cache_cfg}
+        self.proposer = make_proposer(spec.method, **extra)  # speculative decoding's drafts (None: off)
+        self.speculator = Speculator(self.proposer) if self.proposer is not None else None
 
     # -- state ------------------------------------------------------------------------------
     def _apply_plan_state(self, plan: StepPlan) -> None:
@@ -243,10 +250,15 @@ class ModelRunner:
             m = inp.meta
             logits = self.graphs.run(inp.input_ids, inp.positions, m.slot_mapping,
                                      m.decode_block_tables, m.decode_seq_lens)
+            if self.hidden_sink is not None:
+                logits, hidden = logits
+                self.hidden_sink(ids, n_comp, n_sched, hidden)
             if len(inp.sample_req_ids) == len(ids):  # every row samples: rows are 0..n-1, no copy
                 return inp.sample_req_ids, logits
             return inp.sample_req_ids, logits[inp.sample_rows]
         hidden = self.model(inp.input_ids, inp.positions, inp.meta)
+        if self.hidden_sink is not None:
+            self.hidden_sink(ids, n_comp, n_sched, hidden)
         return inp.sample_req_ids, self.model.compute_logits(hidden[inp.sample_rows])
 
     def _micro_batch_logits(self, ids, n_sched, n_comp) -> tuple[list[str], torch.Tensor]:
