@@ -14,7 +14,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("module.cpp", "paged_decode.cpp", "packed_linear.cpp", "gemv.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("module.cpp", "paged_decode.cpp", "packed_linear.cpp", "gemv.cpp", "q8_linear.cpp")]
 
 
 @functools.cache
