@@ -96,3 +96,15 @@ def quantize(w: torch.Tensor) -> Q8Tensor:
     whole = torch.floor(a)
     q = torch.sign(scaled) * (whole + torch.floor(2 * (a - whole)))  # round half away from zero, exactly
     return Q8Tensor(q.to(torch.int8).reshape(n, k).contiguous(), d.squeeze(-1).to(torch.float16).contiguous())
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) rounded to Q8 blocks and back, in float32: per 32-value block of a row, scale
+    d = max|x_b| / 127 and values round(x_b * (127 / max|x_b|)), half to even -- how
+    ``xllm_cpu::q8_linear`` rounds its input before the int8 dot products."""
+    *lead, k = x.shape
+    b = x.to(torch.float32).reshape(-1, k // BLOCK, BLOCK)  # (rows, K / 32, 32)
+    m = b.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(m > 0, 127 / m, torch.zeros_like(m))
+    return (torch.round(b * inv) * (m / 127)).reshape(*lead, k)
+
