@@ -105,6 +105,8 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     *lead, k = x.shape
     b = x.to(torch.float32).reshape(-1, k // BLOCK, BLOCK)  # (rows, K / 32, 32)
     m = b.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(m > 0, 127 / m, torch.zeros_like(m))
+    # NOTE: a tensor divided into a number is not correctly rounded in torch (127 * (1 / m));
+    # a tensor numerator is, like the kernel's float division
+    inv = torch.where(m > 0, torch.full_like(m, 127.0) / m, torch.zeros_like(m))
     return (torch.round(b * inv) * (m / 127)).reshape(*lead, k)
 

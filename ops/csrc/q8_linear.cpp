@@ -24,6 +24,7 @@
 // with a kernel and callers dequantize and use F.linear (xllm_ops.q8_linear).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -40,6 +41,7 @@ namespace {
 #endif
 constexpr int64_t kBlock = 32;  // values per Q8_0 block
 constexpr int64_t kRows = 4;    // weight rows per tile
+constexpr int64_t kChunk = 64;  // blocks whose combined scales are computed at once
 
 // 8 consecutive inputs as float32
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -84,32 +86,51 @@ void quantize_row(const T* __restrict__ x, int64_t K, int8_t* __restrict__ q, fl
   }
 }
 
-// acc[m][r] += sum over blocks of (w_r . x_m) * dw_r * dx_m for MT input rows and R weight rows.
+// out[m][r] = sum over blocks b of (w_r,b . x_m,b) * dw_r,b * dx_m,b, for MT input rows and
+// R weight rows. The combined scales dw * dx of a chunk of blocks are computed first, 8 at a
+// time, so the loop over blocks is: the int8 dot (sign, multiply-add twice), its conversion
+// to float32, and one multiply-add by the block's scale.
 template <int MT, int R>
 inline void tile(const int8_t* __restrict__ xq, const float* __restrict__ xd, int64_t K,
                  const int8_t* __restrict__ w, const uint16_t* __restrict__ ws, float out[][kRows]) {
   const int64_t nb = K / kBlock;
   const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) float scale[MT][R][kChunk];
   __m256 acc[MT][R];
 #pragma GCC unroll 4
   for (int m = 0; m < MT; ++m)
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-#pragma GCC unroll 4
+  for (int64_t c = 0; c < nb; c += kChunk) {
+    const int64_t cn = std::min(kChunk, nb - c);
     for (int r = 0; r < R; ++r) {
-      const int8_t* wr = w + r * K + b * kBlock;
-      if ((b & 1) == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(wr + XLLM_Q8_AHEAD * kRows * K), _MM_HINT_T0);
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
-      const __m256i wa = _mm256_abs_epi8(wv);  // as u8: |-128| is 128
-      const __m256 dw = _mm256_set1_ps(_cvtsh_ss(ws[r * nb + b]));
+      const uint16_t* wsr = ws + r * nb + c;
+      int64_t j = 0;
+      for (; j + 8 <= cn; j += 8) {
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wsr + j)));
+        for (int m = 0; m < MT; ++m)
+          _mm256_store_ps(&scale[m][r][j], _mm256_mul_ps(dw, _mm256_loadu_ps(xd + m * nb + c + j)));
+      }
+      for (; j < cn; ++j)
+        for (int m = 0; m < MT; ++m) scale[m][r][j] = _cvtsh_ss(wsr[j]) * xd[m * nb + c + j];
+    }
+    for (int64_t j = 0; j < cn; ++j) {
+      const int64_t b = c + j;
+      __m256i xv[MT];
 #pragma GCC unroll 4
-      for (int m = 0; m < MT; ++m) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + b * kBlock));
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, wv)), ones);
-        const __m256 s = _mm256_mul_ps(dw, _mm256_broadcast_ss(xd + m * nb + b));
-        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[m][r]);
+      for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + b * kBlock));
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const int8_t* wr = w + r * K + b * kBlock;
+        if ((b & 1) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(wr + XLLM_Q8_AHEAD * kRows * K), _MM_HINT_T0);
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
+        const __m256i wa = _mm256_abs_epi8(wv);  // as u8: |-128| is 128
+#pragma GCC unroll 4
+        for (int m = 0; m < MT; ++m) {
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv[m], wv)), ones);
+          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&scale[m][r][j]), acc[m][r]);
+        }
       }
     }
   }

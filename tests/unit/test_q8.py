@@ -62,12 +62,28 @@ def _case(m: int, n: int, k: int, dtype: torch.dtype, seed: int, bias: bool = Tr
     return x, w, b
 
 
+SHAPES = [(103, 96), (1030, 256), (7, 800), (5, 2336)]
+
+
+def exact(x: torch.Tensor, w: q8.Q8Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's arithmetic without float rounding: x rounded to Q8 blocks, then a float64
+    matmul; and the float32 rounding the kernel may add to it (sums over K / 32 blocks of
+    exact block products: (K / 32 + 2) * 2^-24 of the sum of their magnitudes)."""
+    xq = q8.quantize_activations(x).double()
+    wd = w.dequantize().double()
+    y = xq @ wd.T + (b.double() if b is not None else 0)
+    slack = (x.shape[-1] / 32 + 2) * 2.0 ** -24 * (xq.abs() @ wd.abs().T)
+    return y, slack
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m", [1, 3, 8, 17, 64])
-@pytest.mark.parametrize("n, k", [(103, 96), (1030, 256), (7, 800)])
+@pytest.mark.parametrize("n, k", SHAPES)
 def test_q8_linear_within_its_error_bound(m, n, k, dtype):
-    """N not a multiple of the 4-row tile, K of an odd and an even number of blocks, a bias;
-    every element within ``q8_linear.error_bound`` of the float32 reference."""
+    """N not a multiple of the 4-row tile; K of 3, 8, 25 and 73 blocks (the kernel takes the
+    scales of 64 blocks at a time, 8 by 8); a bias. Every element is within
+    ``q8_linear.error_bound`` of the float32 reference (the stated tolerance), and within
+    float rounding of the same arithmetic done exactly (what catches a wrong scale)."""
     _kernel_or_skip()
     x, w, b = _case(m, n, k, dtype, seed=m * n + k)
     out = torch.ops.xllm_cpu.q8_linear(x, w.values, w.scales, b)
@@ -76,6 +92,9 @@ def test_q8_linear_within_its_error_bound(m, n, k, dtype):
     err = (out.float() - ref).abs()
     bound = q8_linear.error_bound(x, w.values, w.scales, ref)
     assert (err <= bound).all(), f"worst error {float((err / bound).max()):.2f}x the bound"
+    y, slack = exact(x, w, b)
+    tol = slack + (2.0 ** -8 * y.abs() if dtype == torch.bfloat16 else 0)  # + the output's rounding
+    assert ((out.double() - y).abs() <= tol).all()
 
 
 def test_q8_linear_without_bias_and_with_leading_dims():
@@ -106,13 +125,13 @@ def test_q8_linear_in_and_out_of_a_compiled_graph():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_torch_path_is_the_kernels_arithmetic(dtype):
-    """Without the kernel (no AVX2) x is rounded the same way in torch: the kernel's result up
-    to float32 summation order (and the output's rounding to dtype)."""
-    _kernel_or_skip()
-    x, w, b = _case(5, 70, 160, dtype, seed=6)
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_the_torch_path_is_the_kernels_arithmetic(n, k, dtype):
+    """Without the kernel (no AVX2) x is rounded the same way in torch: within float rounding
+    of the same arithmetic done exactly, as the kernel is."""
+    x, w, b = _case(5, n, k, dtype, seed=n + k)
     ours = q8_linear.linear_torch(x, w.values, w.scales, b)
     assert ours.dtype == dtype
-    kernel = torch.ops.xllm_cpu.q8_linear(x, w.values, w.scales, b)
-    tol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-5  # one bf16 step
-    torch.testing.assert_close(ours.float(), kernel.float(), atol=1e-3, rtol=tol)
+    y, slack = exact(x, w, b)
+    tol = slack * 4 + (2.0 ** -8 * y.abs() if dtype == torch.bfloat16 else 0)  # a float32 matmul
+    assert ((ours.double() - y).abs() <= tol).all()
