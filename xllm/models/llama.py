@@ -107,7 +107,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def prepare_for_serving(self) -> None:
-        """Pack linear weights for the matrix engine (after ``load_weights``)."""
+        """Prepare linear weights for serving: packed for the matrix engine, or the Q8_0
+        kernel readied (after ``load_weights``)."""
         for module in self.modules():
             if hasattr(module, "pack"):
                 module.pack()
