@@ -3,7 +3,7 @@ bfloat16 or float32, W (N, K) held as int8 values and float16 block scales, y in
 
 ``xllm_cpu::q8_linear`` (ops/csrc/q8_linear.cpp) reads the int8 weight once and multiplies
 it with x quantized the same way (per row, per block of 32: scale max|x_b| / 127, int8
-values). It takes any number of rows: on an AVX2 Zen 3 it is as fast as a float32 matmul
+values). It takes any number of rows: on an AVX2 Zen 3 it keeps up with a float32 matmul
 over the dequantized weight at 512 rows and faster below, and dequantizing per call costs
 more than either (``python -m bench.gemv``). A CPU without the kernel (no AVX2) rounds x
 the same way in torch (``q8.quantize_activations``) and multiplies by the dequantized
