@@ -42,13 +42,15 @@ class DecodeBench:
     """A runner holding ``batch`` requests of ``context`` tokens each, ready to decode."""
 
     def __init__(self, model_dir: Path, batch: int, context: int, iters: int, graphs: bool,
-                 block_size: int = 16, tp: TPGroup = SINGLE, micro_batch_overlap: bool = False) -> None:
+                 block_size: int = 16, tp: TPGroup = SINGLE, micro_batch_overlap: bool = False,
+                 quantization: str = "none") -> None:
         self.batch, self.context, self.bs = batch, context, block_size
         blocks_per_req = -(-(context + iters + 8) // block_size)
         hf = read_hf_config(model_dir)
         if graphs:  # the launcher's cache of compiled graphs, so this compiles once
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "xllm" / "inductor"))
-        self.runner = ModelRunner(ModelConfig(str(model_dir), checkpoint_dtype(model_dir), context + iters + 64),
+        self.runner = ModelRunner(ModelConfig(str(model_dir), checkpoint_dtype(model_dir), context + iters + 64,
+                                              quantization=quantization),
                                   CacheConfig(block_size, batch * blocks_per_req + 1), hf, tp, micro_batch_overlap,
                                   graph_buckets=[batch] if graphs else None)
         if self.runner.graphs is not None:
@@ -117,9 +119,10 @@ class DecodeBench:
 
 
 def time_decode(model_dir: Path, batch: int, context: int, graphs: bool = True, iters: int = 20,
-                warmup: int = 3) -> dict:
+                warmup: int = 3, quantization: str = "none") -> dict:
     """``DecodeBench.measure`` on a fresh runner of ``batch`` requests at ``context``."""
-    return DecodeBench(model_dir, batch, context, iters + warmup, graphs).measure(iters, warmup)
+    return DecodeBench(model_dir, batch, context, iters + warmup, graphs,
+                       quantization=quantization).measure(iters, warmup)
 
 
 def main() -> None:
@@ -133,11 +136,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--quantization", default="none", choices=["none", "q8_0"], help="as xllm-launch's")
     args = ap.parse_args()
     torch.set_num_threads(2)
     model = args.model
     model_dir = ensure_model(model.removeprefix("preset:")) if model.startswith("preset:") else Path(model)
-    result = time_decode(model_dir, args.batch, args.context, iters=args.iters, warmup=5)
+    result = time_decode(model_dir, args.batch, args.context, iters=args.iters, warmup=5,
+                         quantization=args.quantization)
     print(" ".join(f"{k} {v * 1e3:.2f} ms" for k, v in result.items()))
 
 

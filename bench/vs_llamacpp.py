@@ -6,7 +6,9 @@
 Both servers get the same requests through ``bench.w2_online.http_request`` (streamed
 ``/v1/completions`` with token-id prompts, greedy, EOS ignored). llama.cpp is built from
 source and the checkpoint converted to GGUF by ``bench.llamacpp``; both use 2 threads
-(this machine's cores) and bf16 weights unless ``--gguf`` names another file.
+(this machine's cores) and bf16 weights unless ``--gguf`` names another file. With
+``--gguf-type q8_0`` both serve the same Q8_0 file: xllm with ``--quantization q8_0``,
+which keeps the file's blocks (bf16 activations; the bound counts 34 bytes per 32 weights).
 
 - W3 single stream: a prompt of 32 random tokens (new each round), 128 output tokens,
   the two servers and the read-bandwidth measurement alternating; medians. The bandwidth
@@ -102,6 +104,7 @@ def llama(server: LlamaServer) -> Server:
 
 
 def w3(args, xllm: Server, address: str, gguf: Path, shape: Shape, vocab: int) -> None:
+    q8 = args.gguf_type == "q8_0"
     rng = random.Random(args.seed)
     runs = {"xllm": [], "llama.cpp": []}
     bws = []
@@ -116,7 +119,7 @@ def w3(args, xllm: Server, address: str, gguf: Path, shape: Shape, vocab: int) -
                 runs[name].append((rec.ttft, rec.tpot, rec.e2el))
             bws.append(read_bandwidth())
     bw = statistics.median(bws)
-    step_bytes = shape.decode_bytes(2.0)
+    step_bytes = shape.decode_bytes(34 / 32 if q8 else 2.0)
     bound = bw / step_bytes  # tokens/s
     rows, tps = [], {}
     for name, r in runs.items():
@@ -130,7 +133,8 @@ def w3(args, xllm: Server, address: str, gguf: Path, shape: Shape, vocab: int) -
         f"128 output tokens; medians of {args.repeats} rounds (xllm, llama.cpp, bandwidth alternating); "
         "2 threads each; streamed /v1/completions",
         f"read bandwidth {bw / 1e9:.1f} GB/s (sum of a 1 GiB tensor); a decode step reads "
-        f"{step_bytes / 1e6:.0f} MB of bf16 weights",
+        f"{step_bytes / 1e6:.0f} MB of {'Q8_0' if q8 else 'bf16'} weights"
+        + (f"; xllm serves {gguf.name} too (--quantization q8_0)" if q8 else ""),
         f"xllm / llama.cpp (decode tok/s): {tps['xllm'] / tps['llama.cpp']:.2f}×"])
 
 
@@ -217,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     gguf = Path(args.gguf) if args.gguf else to_gguf(model_dir, args.gguf_type)
     workloads = args.workloads.split(",")
     port = free_port()
-    launch = ["--dtype", "bfloat16", *shlex.split(args.launch_args), "--http-port", str(port)]
-    with deployment(model_dir, launch) as dep:
+    # NOTE: with Q8_0 xllm serves llama.cpp's file itself, its blocks kept as they are
+    same_file = ["--quantization", "q8_0"] if args.gguf_type == "q8_0" else []
+    launch = ["--dtype", "bfloat16", *same_file, *shlex.split(args.launch_args), "--http-port", str(port)]
+    with deployment(gguf if same_file else model_dir, launch) as dep:
         xllm = Server(f"http://127.0.0.1:{port}/v1/completions", served_name(dep.address))
         warm(xllm)
         slots = max(map(int, args.slots.split(",")))

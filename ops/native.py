@@ -14,8 +14,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("module.cpp", "paged_decode.cpp", "packed_linear.cpp", "gemv.cpp",
-                                                                  "gemv_f32.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("module.cpp", "paged_decode.cpp", "packed_linear.cpp", "gemv.cpp", "gemv_f32.cpp",
+                        "q8_linear.cpp")]
 
 
 @functools.cache

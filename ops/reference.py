@@ -35,3 +35,13 @@ def gather_sequence(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: l
     keys = [k_cache[block_table[p // bs], :, :, p % bs] for p in range(length)]
     values = [v_cache[block_table[p // bs], :, p % bs, :] for p in range(length)]
     return torch.stack(keys), torch.stack(values)
+
+
+def q8_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear over a Q8_0 weight, in float32: x (..., K) @ W.T + bias -> (..., N) float32, W
+    (N, K) = values (N, K) int8 times its block's scale, scales (N, K / 32) float16."""
+    n, k = values.shape
+    w = values.float().view(n, k // 32, 32) * scales.float().unsqueeze(-1)  # (N, K / 32, 32), exact
+    y = x.float() @ w.view(n, k).T
+    return y + bias.float() if bias is not None else y

@@ -27,23 +27,32 @@ def near_tie(top: float, gap: float, dtype: torch.dtype) -> bool:
 
 
 @lru_cache(maxsize=4)
-def hf_model(path: str, dtype: torch.dtype = torch.float32):
+def hf_model(path: str, dtype: torch.dtype = torch.float32, q8_activations: bool = False):
     """transformers' own loading of the checkpoint: a directory, or a GGUF file (which
-    transformers dequantizes itself)."""
+    transformers dequantizes itself). With ``q8_activations`` every linear's input is first
+    rounded to Q8 blocks as ``xllm_cpu::q8_linear`` rounds it (``quantize_activations``):
+    transformers' arithmetic for a server run with ``--quantization q8_0``."""
     p = Path(path)
     if p.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
+    if q8_activations:
+        from xllm_ops.q8 import quantize_activations
+
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(lambda _, args: (quantize_activations(args[0]).to(args[0].dtype),))
     model.generation_config.eos_token_id = None  # compare fixed lengths: EOS is ignored
     return model
 
 
 @torch.inference_mode()
-def hf_greedy(path: str, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32) -> list[int]:
-    """transformers ``generate``, greedy, EOS ignored."""
-    model = hf_model(str(path), dtype)
+def hf_greedy(path: str, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32,
+              q8_activations: bool = False) -> list[int]:
+    """transformers ``generate``, greedy, EOS ignored (``q8_activations``: see ``hf_model``)."""
+    model = hf_model(str(path), dtype, q8_activations)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     ids = torch.tensor([prompt])
     # NOTE: an explicit mask, or transformers treats every pad-id token in the prompt as padding
@@ -53,19 +62,21 @@ def hf_greedy(path: str, prompt: list[int], max_new_tokens: int, dtype: torch.dt
 
 @torch.inference_mode()
 def assert_greedy_equal(path: str, prompt: list[int], ours: list[int], ref: list[int],
-                        dtype: torch.dtype = torch.float32) -> None:
+                        dtype: torch.dtype = torch.float32, tie_dtype: torch.dtype | None = None,
+                        q8_activations: bool = False) -> None:
     """Token-for-token equality, except a divergence at a near-tie the reference confirms:
-    at the first differing position the top two reference logits are a tie at ``dtype``
-    (``near_tie``: within 1e-4 in fp32) and our token is one of them. Tokens after an
-    accepted divergence are not compared."""
+    at the first differing position the top two reference logits (of the reference run in
+    ``dtype``) are a tie at ``tie_dtype`` (``near_tie``; by default ``dtype``: within 1e-4 in
+    fp32) and our token is one of them. Tokens after an accepted divergence are not compared.
+    ``q8_activations``: the reference of a Q8_0 server (see ``hf_model``)."""
     assert len(ours) == len(ref), f"length {len(ours)} != reference {len(ref)}"
     for i, (a, b) in enumerate(zip(ours, ref)):
         if a == b:
             continue
-        logits = hf_model(str(path), dtype)(torch.tensor([prompt + ref[:i]])).logits[0, -1].float()
+        logits = hf_model(str(path), dtype, q8_activations)(torch.tensor([prompt + ref[:i]])).logits[0, -1].float()
         top2 = logits.topk(2)
         gap = float(top2.values[0] - top2.values[1])
-        assert near_tie(float(top2.values[0]), gap, dtype) and a in top2.indices.tolist(), (
+        assert near_tie(float(top2.values[0]), gap, tie_dtype or dtype) and a in top2.indices.tolist(), (
             f"diverged at output token {i}: ours {a}, reference {b}, top-2 gap {gap:.3g} "
             f"(not a near-tie)\nours {ours}\nref  {ref}")
         return

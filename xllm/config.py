@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 POLICIES = ("fcfs", "priority", "prefill_first", "decode_first")
+QUANTIZATIONS = ("none", "q8_0")  # weight formats of the linears (xllm.layers.quantization)
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,13 @@ class ModelConfig:
     served_name: str = ""  # the name clients use; the directory's name by default
     seed: int = 0  # seeds the sampler of requests that bring no seed
     enforce_eager: bool = False  # no compiled decode graphs: every step runs eagerly
+    quantization: str = "none"  # linear weights: "none" (dtype) or "q8_0" (xllm.layers.quantization)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
 

@@ -6,6 +6,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 int64_t register_packed(at::Tensor packed);
 bool small_linear_available();
 bool small_linear_f32_available();
+bool q8_linear_available();
 void store_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
               torch::Tensor slots);
 
@@ -15,5 +16,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_linear_available", &small_linear_available, "whether xllm_cpu::small_linear is built (AVX-512 BF16)");
   m.def("small_linear_f32_available", &small_linear_f32_available,
         "whether xllm_cpu::small_linear_f32 is built (AVX2 and FMA)");
+  m.def("q8_linear_available", &q8_linear_available, "whether xllm_cpu::q8_linear is built (AVX2, FMA, F16C)");
   m.def("register_packed", &register_packed, "keep a oneDNN-packed weight; returns its handle");
 }

@@ -52,3 +52,36 @@ def test_auto_dtype_serves_16_bit_checkpoints_in_bf16_only_where_the_cpu_compute
     explicit = launcher.resolve_config(launcher.build_parser().parse_args(
         ["--model", str(model), "--dtype", "bfloat16"]))
     assert explicit.model.dtype == "bfloat16"  # asked for: honoured (with a warning without hardware bf16)
+
+
+def test_quantization_is_off_by_default_and_named_choices():
+    args = build_parser().parse_args(["--model", "x"])
+    assert args.quantization == "none"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "x", "--quantization", "int4"])
+
+
+def test_unsupported_quantization_is_refused_at_launch(make_tiny):
+    from xllm.config import read_hf_config
+    from xllm.deploy.launcher import check_quantization, resolve_config
+    from xllm.models.spec import DecoderSpec
+
+    path = str(make_tiny("tiny-llama"))
+    args = build_parser().parse_args(["--model", path, "--quantization", "q8_0", "--tp", "2"])
+    with pytest.raises(ValueError, match="--quantization q8_0 runs with --tp 1 only"):
+        resolve_config(args)
+    odd = DecoderSpec.from_hf({**read_hf_config(path), "intermediate_size": 100})
+    with pytest.raises(ValueError, match="--quantization q8_0 needs .* multiples of 32.* intermediate size is 100"):
+        check_quantization("q8_0", 1, odd)
+    check_quantization("none", 2, odd)
+
+
+def test_quantization_reaches_the_model_config(make_tiny):
+    from xllm.deploy.launcher import resolve_config
+    from xllm.offline import engine_flags
+
+    args = build_parser().parse_args(["--model", str(make_tiny("tiny-llama")),
+                                      *engine_flags({"quantization": "q8_0"})])
+    assert resolve_config(args).model.quantization == "q8_0"
+    with pytest.raises(ValueError, match="quantization"):
+        engine_flags({"quantization": "q4"})

@@ -89,7 +89,6 @@ def test_bf16_decode_graph_matches_the_eager_decode(tmp_path):
     runner = ModelRunner(ModelConfig(str(path), dtype="bfloat16"), CacheConfig(16, 32), read_hf_config(path),
                          graph_buckets=[4])
     runner.graphs.warm_up(progress=False)
-    # oneDNN packs bf16 only where the CPU has AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         packed = [m.packed for m in runner.model.modules() if getattr(m, "packed", None) is not None]
         assert packed and all(p.handle is not None for p in packed)

@@ -19,8 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import (POLICIES, ROUTER_POLICIES, SPECULATIVE_METHODS, CacheConfig, EngineConfig, HttpConfig,
-                      ModelConfig, ParallelConfig, RouterConfig, SchedulerConfig, SpeculativeConfig, read_hf_config)
+from ..config import (POLICIES, QUANTIZATIONS, ROUTER_POLICIES, SPECULATIVE_METHODS, CacheConfig, EngineConfig,
+                      HttpConfig, ModelConfig, ParallelConfig, RouterConfig, SchedulerConfig, SpeculativeConfig,
+                      read_hf_config)
 from ..models.spec import DecoderSpec
 from ..kv_transfer import pool as kv_pool
 from ..metastore import etcd_access
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
     m.add_argument("--enforce-eager", action="store_true",
                    help="no compiled decode graphs (faster start, slower decode)")
+    m.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help="linear weights: none keeps them in --dtype; q8_0 keeps a GGUF file's Q8_0 blocks "
+                        "as they are and quantizes every other linear weight to Q8_0 at load (embeddings, "
+                        "norms and biases stay in --dtype; with --tp 1)")
     c = p.add_argument_group("KV cache")
     c.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     c.add_argument("--kv-cache-memory", type=float, default=2.0,
@@ -213,6 +218,7 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
     if args.http_port and not _is_loopback(args.http_host) and not api_key:
         log.warning("the HTTP API listens on %s, beyond this machine, without authentication "
                     "(give --api-key or XLLM_API_KEY)", args.http_host)
+    check_quantization(args.quantization, args.tp, spec)
     max_len = min(args.max_model_len or spec.max_position, spec.max_position)
     bs = args.block_size
     block_bytes = 2 * spec.num_layers * bs * spec.num_kv_heads * spec.head_dim * DTYPE_BYTES[dtype]
@@ -223,7 +229,7 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(path=path, dtype=dtype, max_model_len=max_len,
                           served_name=args.served_model_name or _served_name(path), seed=args.seed,
-                          enforce_eager=args.enforce_eager),
+                          enforce_eager=args.enforce_eager, quantization=args.quantization),
         cache=CacheConfig(block_size=bs, num_blocks=blocks, enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
@@ -245,6 +251,21 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                                       max_batch=args.speculative_max_batch,
                                       draft_model=resolve_model_path(args.draft_model) if args.draft_model else ""),
     )
+
+
+def check_quantization(quantization: str, tp: int, spec: DecoderSpec) -> None:
+    """Refuse at launch what ``--quantization`` cannot serve: Q8_0 linears are not split over
+    tensor-parallel ranks, and their input sizes must be whole 32-value blocks."""
+    if quantization == "none":
+        return
+    if tp > 1:
+        raise ValueError(f"--quantization {quantization} runs with --tp 1 only; got --tp {tp}")
+    sizes = {"hidden size": spec.hidden_size, "intermediate size": spec.intermediate_size,
+             "attention width (heads x head_dim)": spec.num_heads * spec.head_dim}
+    for what, n in sizes.items():
+        if n % 32:
+            raise ValueError(f"--quantization {quantization} needs linear input sizes that are multiples of 32; "
+                             f"this model's {what} is {n}")
 
 
 def build_plan(args: argparse.Namespace, engine: EngineConfig, run_dir: str) -> DeploymentPlan:

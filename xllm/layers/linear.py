@@ -1,8 +1,10 @@
 """Linear layers whose weights may be split over a tensor-parallel group.
 
 Weights are ``(out_features, in_features)`` as in ``torch.nn.Linear`` and checkpoints.
-Each layer's ``load(name_part, tensor)`` takes a checkpoint tensor and copies in this
-rank's slice, so model files only say which checkpoint names feed which layer.
+Each layer's ``load(name_part, tensor)`` takes a checkpoint tensor (float, or Q8_0 blocks as
+``xllm_ops.q8.Q8Tensor``) and copies in this rank's slice, so model files only say which
+checkpoint names feed which layer. How the weight is stored and multiplied is its method's
+business (``xllm.layers.quantization``).
 """
 
 from __future__ import annotations
@@ -10,36 +12,39 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xllm_ops import linear as packed_linear
-
 from .parallel import SINGLE, TPGroup
+from .quantization import linear_method
 
 
 class PackableLinear(nn.Module):
-    """A weight that can be packed for the device's matrix engine once it is loaded."""
+    """A matrix weight kept and applied by its format's method (``xllm.layers.quantization``):
+    the serving dtype packed for the matrix engine once loaded, or Q8_0 blocks."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
-    packed: torch.Tensor | None = None
+    packed = None  # DenseMethod: the oneDNN copy of the weight
+
+    def _create_weight(self, rows: int, cols: int, dtype: torch.dtype, quantization: str) -> None:
+        self.method = linear_method(quantization)
+        self.method.create(self, rows, cols, dtype)
 
     def pack(self) -> None:
-        """Pack the loaded weight (call after loading, before serving)."""
-        self.packed = packed_linear.pack(self.weight.data)
+        """Prepare the loaded weight for serving (call after loading, before serving)."""
+        self.method.prepare(self)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return packed_linear.linear(x, self.weight, self.packed, bias)
+        return self.method.apply(self, x, bias)
 
 
 class ColumnParallelLinear(PackableLinear):
     """Output features split over ranks; each rank keeps its slice of the output."""
 
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPGroup = SINGLE,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, quantization: str = "none") -> None:
         super().__init__()
         self.tp = tp
         self.out_sizes = [tp.shard(n)[1] for n in out_sizes]  # per rank, per part
-        self.weight = nn.Parameter(torch.empty(sum(self.out_sizes), in_features, dtype=dtype),
-                                   requires_grad=False)
+        self._create_weight(sum(self.out_sizes), in_features, dtype, quantization)
         self.bias = nn.Parameter(torch.zeros(sum(self.out_sizes), dtype=dtype),
                                  requires_grad=False) if bias else None
 
@@ -50,42 +55,44 @@ class ColumnParallelLinear(PackableLinear):
         """Copy this rank's rows of checkpoint part ``part`` (e.g. q=0, k=1, v=2)."""
         size = self.out_sizes[part]
         offset = sum(self.out_sizes[:part])
-        rows = tensor.narrow(0, self.tp.rank * size, size)
-        target = self.bias if is_bias else self.weight
-        target.data[offset:offset + size].copy_(rows)
+        self._write_rows(offset, tensor.narrow(0, self.tp.rank * size, size), is_bias)
+
+    def _write_rows(self, offset: int, rows, is_bias: bool) -> None:
+        if is_bias:
+            self.bias.data[offset:offset + rows.shape[0]].copy_(rows)
+        else:
+            self.method.load_rows(self, offset, rows)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matmul. KV heads fewer than ranks are replicated."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool, tp: TPGroup = SINGLE, dtype: torch.dtype = torch.float32) -> None:
+                 bias: bool, tp: TPGroup = SINGLE, dtype: torch.dtype = torch.float32,
+                 quantization: str = "none") -> None:
         self.kv_replicas = max(1, tp.size // num_kv_heads)
         local_kv = max(1, num_kv_heads // tp.size)
         self.num_kv_heads = num_kv_heads
         super().__init__(hidden, [num_heads * head_dim, local_kv * head_dim * tp.size,
-                                  local_kv * head_dim * tp.size], bias, tp, dtype)
+                                  local_kv * head_dim * tp.size], bias, tp, dtype, quantization)
 
     def load(self, part: int, tensor: torch.Tensor, is_bias: bool = False) -> None:
         if part == 0 or self.kv_replicas == 1:
             return super().load(part, tensor, is_bias)
         size = self.out_sizes[part]  # one KV head group, shared by kv_replicas ranks
         start = (self.tp.rank // self.kv_replicas) * size
-        target = self.bias if is_bias else self.weight
-        offset = sum(self.out_sizes[:part])
-        target.data[offset:offset + size].copy_(tensor.narrow(0, start, size))
+        self._write_rows(sum(self.out_sizes[:part]), tensor.narrow(0, start, size), is_bias)
 
 
 class RowParallelLinear(PackableLinear):
     """Input features split over ranks; partial outputs are summed (all-reduce)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup = SINGLE,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, quantization: str = "none") -> None:
         super().__init__()
         self.tp = tp
         self.in_local = tp.shard(in_features)[1]
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_local, dtype=dtype),
-                                   requires_grad=False)
+        self._create_weight(out_features, self.in_local, dtype, quantization)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype),
                                  requires_grad=False) if bias else None
 
@@ -101,4 +108,4 @@ class RowParallelLinear(PackableLinear):
         if is_bias:
             self.bias.data.copy_(tensor)
         else:
-            self.weight.data.copy_(tensor.narrow(1, self.tp.rank * self.in_local, self.in_local))
+            self.method.load_rows(self, 0, tensor.narrow(1, self.tp.rank * self.in_local, self.in_local))

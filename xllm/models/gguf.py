@@ -5,11 +5,13 @@ tokenizer (vocabulary, merges, chat template) and the tensors, many of them quan
 Here the metadata becomes a ``config.json``-shaped dict, the tokenizer comes from
 transformers' GGUF conversion, and each tensor is dequantized to the serving dtype as
 it is loaded, under its Hugging Face name, so the model classes load it like any other
-checkpoint.
+checkpoint. With ``keep_q8`` (``--quantization q8_0``) a Q8_0 matrix instead comes as its
+own blocks (``xllm_ops.q8.Q8Tensor``), not a value changed.
 
 NOTE: llama.cpp's converter permutes the rows of a Llama model's Q and K projections
 (its RoPE pairs neighbouring dimensions, Hugging Face's pairs the two halves); loading
 undoes that, so the weights match the Hugging Face layout the rotary layer expects.
+Q8_0 blocks run along a row, so reordering whole rows of a file's bytes keeps them intact.
 Qwen2/Qwen3 files are written unpermuted.
 """
 
@@ -25,6 +27,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+from xllm_ops.q8 import Q8Tensor, from_blocks
 
 # GGUF general.architecture -> (Hugging Face architecture, model_type)
 ARCHITECTURES = {
@@ -182,17 +186,22 @@ def dequantized(tensor, path: Path) -> np.ndarray:
     return out if out.flags.writeable else out.copy()  # F32 tensors come straight from the mmap
 
 
-def iter_weights(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, tensor in ``dtype``) for every tensor of the file."""
+def iter_weights(path: Path, dtype: torch.dtype,
+                 keep_q8: bool = False) -> Iterator[tuple[str, torch.Tensor | Q8Tensor]]:
+    """(Hugging Face name, tensor in ``dtype``) for every tensor of the file; with ``keep_q8``
+    each Q8_0 matrix as its blocks (``Q8Tensor``) instead."""
+    import gguf
+
     r = _reader(path)
     arch = _architecture(r, path)
     heads = int(_field(r, f"{arch}.attention.head_count"))
     kv_heads = int(_field(r, f"{arch}.attention.head_count_kv", heads))
     for tensor in r.tensors:
         name = hf_name(tensor.name)
-        w = dequantized(tensor, path)
+        blocks = keep_q8 and tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0 and len(tensor.shape) == 2
+        w = tensor.data if blocks else dequantized(tensor, path)  # blocks: (rows, K / 32 * 34) bytes
         if arch in PERMUTED_QK and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute(w, heads)
         elif arch in PERMUTED_QK and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute(w, kv_heads)
-        yield name, torch.from_numpy(w).to(dtype)
+        yield name, from_blocks(w) if blocks else torch.from_numpy(w).to(dtype)

@@ -22,14 +22,15 @@ from .spec import DecoderSpec
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, s: DecoderSpec, rotary: RotaryEmbedding, tp: TPGroup, dtype: torch.dtype) -> None:
+    def __init__(self, s: DecoderSpec, rotary: RotaryEmbedding, tp: TPGroup, dtype: torch.dtype,
+                 quantization: str = "none") -> None:
         super().__init__()
         self.num_heads = s.num_heads // tp.size
         self.num_kv_heads = max(1, s.num_kv_heads // tp.size)
         self.head_dim = s.head_dim
         self.qkv_proj = QKVParallelLinear(s.hidden_size, s.head_dim, s.num_heads, s.num_kv_heads,
-                                          s.qkv_bias, tp, dtype)
-        self.o_proj = RowParallelLinear(s.num_heads * s.head_dim, s.hidden_size, s.o_bias, tp, dtype)
+                                          s.qkv_bias, tp, dtype, quantization)
+        self.o_proj = RowParallelLinear(s.num_heads * s.head_dim, s.hidden_size, s.o_bias, tp, dtype, quantization)
         self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps, dtype) if s.qk_norm else None
         self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps, dtype) if s.qk_norm else None
         self.rotary = rotary
@@ -51,11 +52,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, s: DecoderSpec, tp: TPGroup, dtype: torch.dtype) -> None:
+    def __init__(self, s: DecoderSpec, tp: TPGroup, dtype: torch.dtype, quantization: str = "none") -> None:
         super().__init__()
         n = s.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(s.hidden_size, [n, n], s.mlp_bias, tp, dtype)
-        self.down_proj = RowParallelLinear(n, s.hidden_size, s.mlp_bias, tp, dtype)
+        self.gate_up_proj = ColumnParallelLinear(s.hidden_size, [n, n], s.mlp_bias, tp, dtype, quantization)
+        self.down_proj = RowParallelLinear(n, s.hidden_size, s.mlp_bias, tp, dtype, quantization)
 
     def forward(self, x: torch.Tensor, partial: bool = False) -> torch.Tensor:
         h = silu_and_mul(self.gate_up_proj(x))
@@ -63,12 +64,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, s: DecoderSpec, rotary: RotaryEmbedding, tp: TPGroup, dtype: torch.dtype) -> None:
+    def __init__(self, s: DecoderSpec, rotary: RotaryEmbedding, tp: TPGroup, dtype: torch.dtype,
+                 quantization: str = "none") -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(s, rotary, tp, dtype)
+        self.self_attn = LlamaAttention(s, rotary, tp, dtype, quantization)
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(s, tp, dtype)
+        self.mlp = LlamaMLP(s, tp, dtype, quantization)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(positions, self.input_layernorm(x), meta)
@@ -85,7 +87,11 @@ def mtp_layer(name: str, spec: DecoderSpec) -> int | None:
 
 
 class LlamaForCausalLM(nn.Module):
-    """Token ids and positions of a flattened batch in; hidden states out."""
+    """Token ids and positions of a flattened batch in; hidden states out.
+
+    ``quantization`` is the linears' weight format (``xllm.layers.quantization``): "none"
+    (``dtype``) or "q8_0". Embeddings, norms and biases are always ``dtype``.
+    """
 
     # checkpoint name part -> (our module attribute, part index)
     fused = {
@@ -93,19 +99,25 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, spec: DecoderSpec, tp: TPGroup = SINGLE, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, spec: DecoderSpec, tp: TPGroup = SINGLE, dtype: torch.dtype = torch.float32,
+                 quantization: str = "none") -> None:
         super().__init__()
         self.spec = spec
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp, dtype)
         rotary = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, rotary, tp, dtype) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, rotary, tp, dtype, quantization)
+                                    for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
-        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp, dtype)
-        if spec.tie_word_embeddings:
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp, dtype, quantization)
+        # NOTE: a quantized head keeps its own copy of a tied embedding, loaded from the same
+        # checkpoint tensor (the embedding stays in dtype); a dense head shares the parameter
+        self.head_from_embedding = spec.tie_word_embeddings and quantization != "none"
+        if spec.tie_word_embeddings and not self.head_from_embedding:
             self.lm_head.weight = self.embed_tokens.weight
 
     def prepare_for_serving(self) -> None:
-        """Pack linear weights for the matrix engine (after ``load_weights``)."""
+        """Prepare linear weights for serving: packed for the matrix engine, or the Q8_0
+        kernel readied (after ``load_weights``)."""
         for module in self.modules():
             if hasattr(module, "pack"):
                 module.pack()
@@ -155,8 +167,11 @@ class LlamaForCausalLM(nn.Module):
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             module.load(part, tensor, is_bias=kind == "bias")
             loaded.add(f"{target}.{kind}")
+            if self.head_from_embedding and target == "embed_tokens":
+                self.lm_head.load(0, tensor)
+                loaded.add("lm_head.weight")
         expected = {n for n, _ in self.named_parameters()}
-        if self.spec.tie_word_embeddings:
+        if self.spec.tie_word_embeddings and not self.head_from_embedding:
             expected.discard("lm_head.weight")
         missing = expected - loaded
         if missing:

@@ -65,13 +65,14 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def iter_weights(model: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the checkpoint, in Hugging Face names, as ``dtype``."""
+def iter_weights(model: str | Path, dtype: torch.dtype, keep_q8: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the checkpoint, in Hugging Face names, as ``dtype``;
+    with ``keep_q8`` a GGUF file's Q8_0 matrices come as their blocks (``xllm_ops.q8.Q8Tensor``)."""
     gguf = gguf_path(model)
     if gguf is not None:
         from .gguf import iter_weights as iter_gguf_weights
 
-        yield from iter_gguf_weights(gguf, dtype)
+        yield from iter_gguf_weights(gguf, dtype, keep_q8)
         return
     for path in checkpoint_files(model):
         with safe_open(str(path), framework="pt") as f:

@@ -64,8 +64,12 @@ class ModelRunner:
         self.tp = tp
         self.micro_batch_overlap = micro_batch_overlap and tp.size > 1
         t0 = time.perf_counter()
-        self.model = model_class(self.spec.architecture)(self.spec, tp, self.dtype)
-        self.model.load_weights(iter_weights(model_cfg.path, self.dtype))
+        quantized = model_cfg.quantization != "none"
+        self.model = model_class(self.spec.architecture)(self.spec, tp, self.dtype, model_cfg.quantization)
+        # NOTE: quantized linears are quantized from the checkpoint's own values (read as float32),
+        # and a GGUF file's Q8_0 blocks are kept as they are; the layers convert the rest to dtype
+        self.model.load_weights(iter_weights(model_cfg.path, torch.float32 if quantized else self.dtype,
+                                             keep_q8=quantized))
         self.model.eval()
         self.model.prepare_for_serving()
         xllm_ops.warm_up()
