@@ -298,6 +298,41 @@ RouterInput = Union[TokenizedRequest, AbortRequest, ControlCall]
 
 
 # --------------------------------------------------------------------------------------
+# Adaptive PD (README "Adaptive PD"): the router turns a prefill instance into a decode
+# instance or back while it runs.
+#
+# The router stops sending the instance work of its old role and sends ``RoleChange``;
+# the scheduler announces the change in the store (``InstanceRecord.next_role``), lets
+# the old role's requests finish (it still serves whatever reaches it), switches, puts
+# its new role in the store and tells every router (``RoleChanged``).
+# --------------------------------------------------------------------------------------
+
+
+class RoleChange(msgspec.Struct, tag="role_change"):
+    """Router -> scheduler: become ``role`` ("prefill" or "decode") once the requests of the
+    old role have finished, or after ``drain_timeout_s`` whatever is left (it finishes
+    beside the new work); answered by ``RoleChanged`` to every router."""
+
+    change_id: int  # chosen by the router, echoed in the answer
+    role: str
+    drain_timeout_s: float = 30.0
+
+
+class RoleChanged(msgspec.Struct, tag="role_changed"):
+    """Scheduler -> every router: the instance's role is now ``role`` (``ok``), or the
+    change was refused (``error``)."""
+
+    instance_id: str
+    incarnation: str
+    change_id: int
+    role: str  # the role it has now
+    ok: bool = True
+    error: str = ""
+    drain_s: float = 0.0  # seconds from the order to the switch
+    left_over: int = 0  # requests of the old role still running when it switched (drain timed out)
+
+
+# --------------------------------------------------------------------------------------
 # Prefill/decode disaggregation (xllm.kv_transfer, README "Prefill/decode disaggregation")
 #
 # The router sends a request to a decode instance, naming a prefill instance. The decode
@@ -365,7 +400,7 @@ class KVReceived(msgspec.Struct, tag="kv_received"):
 
 
 SchedulerInput = Union[TokenizedRequest, AbortRequest, ControlCall, DisaggregatedRequest, PrefillRequest,
-                       PrefillLost, KVReleased, KVReceived]
+                       PrefillLost, KVReleased, KVReceived, RoleChange]
 
 
 class KVSend(msgspec.Struct, array_like=True):
@@ -516,7 +551,7 @@ class KVEventBatch(msgspec.Struct, tag="kv_events"):
     cleared: bool = False  # the whole cache was reset (before ``stored``)
 
 
-InstanceReport = Union[InstanceLoad, KVEventBatch, ControlReply]
+InstanceReport = Union[InstanceLoad, KVEventBatch, ControlReply, RoleChanged]
 
 
 # --------------------------------------------------------------------------------------
@@ -536,6 +571,7 @@ class InstanceRecord(msgspec.Struct):
     num_blocks: int = 0  # KV blocks in its pool
     block_size: int = 16
     max_num_seqs: int = 64
+    next_role: str = ""  # the role it is draining towards ("": no change under way); routers send it no new work
 
 
 class RouterRecord(msgspec.Struct):

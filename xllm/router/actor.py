@@ -14,6 +14,10 @@ The registry follows the metadata store: instances come with their registration 
 leave with it (a lease that expired, a clean stop), or when their load reports stop
 for ``SILENCE_S``. A lost instance gets no new request; the frontends of the requests
 it held hear of them (``InstanceLost``) and re-send or end each one.
+
+An instance's role can change while it runs (``change_role``): it leaves its pool at once
+(no new work), drains, switches, and comes back in the pool of its new role when its
+store record or its ``RoleChanged`` says so.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ from ..metastore import keys, open_store
 from ..metastore.registration import PrefixFollower, Registration
 from ..protocol import (
     AbortRequest, ControlCall, ControlReply, DisaggregatedRequest, ErrorReply, InstanceLoad, InstanceLost,
-    InstanceRecord, InstanceReport, KVEventBatch, PrefillLost, RequestRejected, RouterInput, RouterRecord,
-    TokenizedRequest,
+    InstanceRecord, InstanceReport, KVEventBatch, PrefillLost, RequestRejected, RoleChange, RoleChanged,
+    RouterInput, RouterRecord, TokenizedRequest,
 )
 from .merge import FANNED_OUT, merge
 from .policies import make_policy
@@ -78,9 +82,10 @@ class RouterActor(Actor):
         self.gathers: dict[int, Gather] = {}
         self.asked: dict[int, tuple[int, str]] = {}  # call id sent to an instance -> (gather, instance)
         self._ids = itertools.count(1)
+        self.ordered: dict[int, tuple[str, str]] = {}  # role change id -> (instance, its role then)
         self.records: dict[str, InstanceRecord] = {}  # what the store says, lost or not
         self.stats = {"routed": 0, "routed_disaggregated": 0, "rejected": 0, "instances_lost": 0,
-                      "requests_lost": 0}
+                      "requests_lost": 0, "role_changes": 0, "role_changes_refused": 0}
 
     async def setup(self) -> dict:
         plan = self.plan
@@ -114,10 +119,42 @@ class RouterActor(Actor):
         self._admit(rec)
 
     def _admit(self, rec: InstanceRecord) -> None:
-        if self.registry.get(rec.instance_id) is None:
-            log.info("instance %s joined (%s)", rec.instance_id, rec.address)
-        self.registry.add(InstanceState(rec.instance_id, rec.address, rec.incarnation, rec.role,
+        inst = self.registry.get(rec.instance_id)
+        if inst is not None and inst.address == rec.address and inst.incarnation in ("", rec.incarnation):
+            self.registry.set_role(rec.instance_id, rec.role, rec.next_role)  # its record changed: keep its load
+            return
+        log.info("instance %s joined (%s, %s)", rec.instance_id, rec.address, rec.role)
+        self.registry.add(InstanceState(rec.instance_id, rec.address, rec.incarnation, rec.role, rec.next_role,
                                         rec.num_blocks, rec.block_size, rec.max_num_seqs))
+
+    async def change_role(self, instance_id: str, role: str, drain_timeout_s: float) -> int | None:
+        """Order ``instance_id`` to become ``role``: it gets no new work from now until it has
+        switched. The change's id, or None if the instance is not registered."""
+        inst = self.registry.get(instance_id)
+        if inst is None:
+            return None
+        change_id = next(self._ids)
+        log.info("role change %d ordered: %s %s -> %s", change_id, instance_id, inst.role, role)
+        self.ordered[change_id] = (instance_id, inst.role)
+        self.registry.set_role(instance_id, inst.role, role)
+        await self._to_instance(instance_id, RoleChange(change_id, role, drain_timeout_s))
+        return change_id
+
+    def _role_changed(self, msg: RoleChanged) -> None:
+        inst = self.registry.get(msg.instance_id)
+        if inst is None or inst.incarnation not in ("", msg.incarnation):
+            return
+        iid, was = self.ordered.pop(msg.change_id, ("", ""))
+        if iid != msg.instance_id:
+            was = ""  # another router's order: that router counts it
+        if not msg.ok:
+            self.stats["role_changes_refused"] += 1
+            log.warning("instance %s refused role change %d: %s", msg.instance_id, msg.change_id, msg.error)
+        elif was and msg.role != was:
+            self.stats["role_changes"] += 1
+            log.info("instance %s is %s now (role change %d, %.2f s of draining, %d requests of the old "
+                     "role left)", msg.instance_id, msg.role, msg.change_id, msg.drain_s, msg.left_over)
+        self.registry.set_role(msg.instance_id, msg.role)  # in service again, in the role it has
 
     async def _instance_delete(self, key: bytes) -> None:
         iid = key.rsplit(b"/", 1)[-1].decode()
@@ -130,6 +167,7 @@ class RouterActor(Actor):
         if inst is None:
             return
         self.index.clear(instance_id)
+        self.ordered = {k: v for k, v in self.ordered.items() if v[0] != instance_id}
         held: dict[bytes, list[str]] = {}
         for rid, (iid, frontend) in list(self.placed.items()):
             if iid == instance_id:
@@ -268,7 +306,10 @@ class RouterActor(Actor):
         reply = merge(gather.call_id, gather.method, gather.replies)
         if gather.method == "stats" and reply.ok:
             reply.result["router"] = {**self.stats, "num_instances": len(self.registry),
-                                      "prefix_index_blocks": len(self.index)}
+                                      "prefix_index_blocks": len(self.index),
+                                      "roles": {i.id: i.role for i in self.registry.instances.values()},
+                                      "draining": {i.id: i.next_role for i in self.registry.instances.values()
+                                                   if i.next_role}}
         await self.frontends.send_to(gather.frontend, reply)
 
     async def _expire_gathers(self) -> None:
@@ -303,6 +344,8 @@ class RouterActor(Actor):
                     self.index.clear(msg.instance_id)
                 self.index.stored(msg.instance_id, [b.block_hash for b in msg.stored])
                 self.index.removed(msg.instance_id, msg.removed)
+            case RoleChanged():
+                self._role_changed(msg)
             case ControlReply():
                 gid, iid = self.asked.pop(msg.call_id, (None, None))
                 if gid is not None and gid in self.gathers:

@@ -24,6 +24,7 @@ class InstanceState:
     address: str  # its scheduler's input
     incarnation: str = ""  # "" until it is known (from the store or a first report)
     role: str = "mixed"
+    next_role: str = ""  # the role it drains towards: no new work meanwhile ("": none)
     num_blocks: int = 1
     block_size: int = 16
     max_num_seqs: int = 64
@@ -141,13 +142,17 @@ class Registry:
         self._by_free.update(inst)
 
 
+DRAINING = "draining"  # the pool of instances changing role: no policy chooses from it
+
+
 class Registries:
     """The instances by role (``mixed``, ``prefill``, ``decode``), one ``Registry`` each,
-    behind the same verbs; ``pool(role)`` is what a policy chooses from."""
+    behind the same verbs; ``pool(role)`` is what a policy chooses from. An instance that
+    is changing role (``next_role``) sits in the ``draining`` pool until it has switched."""
 
     def __init__(self) -> None:
         self.pools: dict[str, Registry] = {}
-        self.role_of: dict[str, str] = {}
+        self.role_of: dict[str, str] = {}  # instance -> the pool it is in
 
     def pool(self, role: str) -> Registry:
         pool = self.pools.get(role)
@@ -167,11 +172,22 @@ class Registries:
         return self.pools[role].get(instance_id) if role is not None else None
 
     def add(self, inst: InstanceState) -> None:
+        """Register an instance, or move it to the pool its role (or change) says."""
+        where = DRAINING if inst.next_role else inst.role
         old = self.role_of.get(inst.id)
-        if old is not None and old != inst.role:  # it came back in another role
+        if old is not None and old != where:  # it came back in another role, or is changing it
             self.pools[old].remove(inst.id)
-        self.role_of[inst.id] = inst.role
-        self.pool(inst.role).add(inst)
+        self.role_of[inst.id] = where
+        self.pool(where).add(inst)
+
+    def set_role(self, instance_id: str, role: str, next_role: str = "") -> InstanceState | None:
+        """``instance_id`` now has ``role`` and drains towards ``next_role`` ("": settled);
+        its load view is kept. None if it is not registered."""
+        inst = self.get(instance_id)
+        if inst is not None and (inst.role, inst.next_role) != (role, next_role):
+            inst.role, inst.next_role = role, next_role
+            self.add(inst)
+        return inst
 
     def remove(self, instance_id: str) -> InstanceState | None:
         role = self.role_of.pop(instance_id, None)
@@ -182,7 +198,7 @@ class Registries:
         return self.pools[role].report(load) if role is not None else None
 
     def routed(self, inst: InstanceState, blocks: int = 0) -> None:
-        self.pools[inst.role].routed(inst, blocks)
+        self.pools[self.role_of[inst.id]].routed(inst, blocks)
 
     def silent(self, limit_s: float) -> list[InstanceState]:
         return [i for pool in self.pools.values() for i in pool.silent(limit_s)]
