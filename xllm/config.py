@@ -27,6 +27,7 @@ class ModelConfig:
     served_name: str = ""  # the name clients use; the directory's name by default
     seed: int = 0  # seeds the sampler of requests that bring no seed
     enforce_eager: bool = False  # no compiled decode graphs: every step runs eagerly
+    profile: bool = True  # measure the instance's service times at start (xllm.worker.profiler)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
     m.add_argument("--enforce-eager", action="store_true",
                    help="no compiled decode graphs (faster start, slower decode)")
+    m.add_argument("--no-instance-profile", action="store_true",
+                   help="do not measure each instance's prefill and decode times at start (the slo_aware "
+                        "policy and --adaptive-pd predict with them; measured once, then cached)")
     c = p.add_argument_group("KV cache")
     c.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     c.add_argument("--kv-cache-memory", type=float, default=2.0,
@@ -219,7 +222,7 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(path=path, dtype=dtype, max_model_len=max_len,
                           served_name=args.served_model_name or _served_name(path), seed=args.seed,
-                          enforce_eager=args.enforce_eager),
+                          enforce_eager=args.enforce_eager, profile=not args.no_instance_profile),
         cache=CacheConfig(block_size=bs, num_blocks=blocks, enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,

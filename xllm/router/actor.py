@@ -38,6 +38,7 @@ from ..bus.codec import DecodeError
 from ..deploy.plan import ROLES, ActorSpec, DeploymentPlan
 from ..metastore import keys, open_store
 from ..metastore.registration import PrefixFollower, Registration
+from ..perf_model import ServiceModel
 from ..protocol import (
     AbortRequest, ControlCall, ControlReply, DisaggregatedRequest, ErrorReply, InstanceLoad, InstanceLost,
     InstanceRecord, InstanceReport, KVEventBatch, PrefillLost, RequestRejected, RoleChange, RoleChanged,
@@ -120,12 +121,14 @@ class RouterActor(Actor):
 
     def _admit(self, rec: InstanceRecord) -> None:
         inst = self.registry.get(rec.instance_id)
-        if inst is not None and inst.address == rec.address and inst.incarnation in ("", rec.incarnation):
-            self.registry.set_role(rec.instance_id, rec.role, rec.next_role)  # its record changed: keep its load
-            return
-        log.info("instance %s joined (%s, %s)", rec.instance_id, rec.address, rec.role)
-        self.registry.add(InstanceState(rec.instance_id, rec.address, rec.incarnation, rec.role, rec.next_role,
-                                        rec.num_blocks, rec.block_size, rec.max_num_seqs))
+        if inst is None or inst.address != rec.address or inst.incarnation not in ("", rec.incarnation):
+            log.info("instance %s joined (%s, %s)", rec.instance_id, rec.address, rec.role)
+            inst = InstanceState(rec.instance_id, rec.address, rec.incarnation, rec.role, rec.next_role,
+                                 rec.num_blocks, rec.block_size, rec.max_num_seqs)
+        # NOTE: a record that changed (role, profile) keeps the instance's load view
+        inst.role, inst.next_role = rec.role, rec.next_role
+        inst.model = ServiceModel(rec.profile) if rec.profile is not None else None
+        self.registry.add(inst)
 
     async def change_role(self, instance_id: str, role: str, drain_timeout_s: float) -> int | None:
         """Order ``instance_id`` to become ``role``: it gets no new work from now until it has

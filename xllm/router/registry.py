@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Collection
 
+from ..perf_model import ServiceModel
 from ..protocol import InstanceLoad
 
 
@@ -29,6 +30,7 @@ class InstanceState:
     block_size: int = 16
     max_num_seqs: int = 64
     load: InstanceLoad | None = None
+    model: ServiceModel | None = None  # its measured service times (None until its record has them)
     pending: int = 0  # requests sent to it since its last load report
     pending_blocks: int = 0  # the prefill they bring (their prompts' blocks it does not hold)
     last_report: float = field(default_factory=time.monotonic)

@@ -9,7 +9,9 @@ request names (``TokenizedRequest.reply_to``), one ``TokenBatch`` per frontend. 
 or decode instance also talks to its KV agent and to the schedulers of the instances it
 pairs with (``disagg``: what the core decides, this actor sends). A prefill or
 decode instance changes role when a router orders it (``roles``): it lets the old role's
-requests finish, switches, and says so in the store and to every router. The
+requests finish, switches, and says so in the store and to every router. Its record
+in the store also carries the service times its workers measured at start (the
+``profile`` control call to rank 0), which the routers predict with. The
 router hears the instance's load about twice a second and its prefix-cache changes
 as they happen (``InstanceLoad``, ``KVEventBatch``), and asks it control calls.
 """
@@ -32,7 +34,8 @@ from ..deploy.plan import ActorSpec, DeploymentPlan
 from ..metastore import keys, open_store
 from ..metastore.registration import PrefixFollower, Registration
 from ..protocol import (
-    AbortRequest, BlockStored, ControlCall, ControlReply, DisaggregatedRequest, InstanceLoad, InstanceRecord,
+    AbortRequest, BlockStored, ControlCall, ControlReply, DisaggregatedRequest, InstanceLoad, InstanceProfile,
+    InstanceRecord,
     KVEventBatch, KVReceived, KVReleased, KVSendPlan, PrefillLost, PrefillRequest, RequestRejected, RoleChange,
     RoleChanged, RouterRecord, SchedulerInput, StepResult, TokenizedRequest, WorkerError, WorkerOutput,
 )
@@ -44,6 +47,7 @@ from .stream import StreamBuffer
 log = logging.getLogger(__name__)
 
 LOAD_REPORT_S = 0.5  # load reports to the router
+PROFILE_CALL = -1  # the call id of the profile asked of rank 0 (pings use 0)
 KV_EVENTS_S = 0.01  # prefix-cache changes are batched over at most this long
 
 
@@ -67,6 +71,8 @@ class SchedulerActor(Actor):
         self._next_events = 0.0
         self._reported_idle = False  # the last load report said: nothing running or waiting
         self.roles = RoleSwitch(self.instance.role)  # what the routers send it; changed at run time
+        self.profile: InstanceProfile | None = None  # measured by the workers, published in the record
+        self._profile_asked = False
 
     async def setup(self) -> dict:
         plan, inst = self.plan, self.instance.id
@@ -101,7 +107,7 @@ class SchedulerActor(Actor):
         return msgspec.json.encode(InstanceRecord(
             self.instance.id, self.incarnation, plan.scheduler_in(self.instance.id), self.roles.role,
             cfg.model.served_name, cfg.cache.num_blocks, cfg.cache.block_size, cfg.scheduler.max_num_seqs,
-            next_role=self.roles.next_role))
+            next_role=self.roles.next_role, profile=self.profile))
 
     async def _router_put(self, key: bytes, value: bytes) -> None:
         self.routers[key] = msgspec.json.decode(value, type=RouterRecord).reports
@@ -138,6 +144,9 @@ class SchedulerActor(Actor):
             if self.watch.ping_due():
                 for ch in self.plans:
                     await ch.send(ControlCall(0, "ping"))
+                if not self._profile_asked:  # answered once rank 0 is ready (it measures first)
+                    await self.plans[0].send(ControlCall(PROFILE_CALL, "profile"))
+                    self._profile_asked = True
             if self.stream and (not self.in_flight or self.stream.due(time.monotonic())):
                 await self._send_outputs(self.stream.step_id, self.stream.take())  # nothing more is coming soon
             wait = LOAD_REPORT_S if self.in_flight else min(LOAD_REPORT_S, PING_INTERVAL_S)
@@ -215,6 +224,9 @@ class SchedulerActor(Actor):
                 raise RuntimeError(f"a worker failed in step {msg.step_id}: {msg.message}")
             case ControlReply(result={"rank": int(rank)}):
                 self.watch.heard_from(rank)
+            case ControlReply(call_id=-1, ok=True, result={"profile": dict(profile)}):  # PROFILE_CALL
+                self.profile = msgspec.convert(profile, InstanceProfile)
+                await self.registration.update(self._record())
             case ControlReply():
                 pass
 
@@ -337,7 +349,8 @@ class SchedulerActor(Actor):
             case "stats":
                 return ControlReply(call.call_id, True, {**core.snapshot(), "instance_id": self.instance.id,
                                                          "role": self.roles.role, "next_role": self.roles.next_role,
-                                                         "role_changes": self.roles.num_changes})
+                                                         "role_changes": self.roles.num_changes,
+                                                         "profile": msgspec.to_builtins(self.profile)})
             case "health":
                 problem = self.watch.problem()
                 if problem is not None:
