@@ -87,7 +87,25 @@ class ParallelConfig:
     shm_collectives: bool = True  # CPU ranks of one host: all-reduce/all-gather through shared memory
 
 
-ROUTER_POLICIES = ("round_robin", "prefix_cache_aware", "kv_cache_aware")
+ROUTER_POLICIES = ("round_robin", "prefix_cache_aware", "kv_cache_aware", "slo_aware")
+
+
+@dataclass(frozen=True)
+class SloConfig:
+    """Latency targets the router places requests for (``slo_aware``) and sizes the prefill
+    and decode pools by (``--adaptive-pd``); 0 means no target."""
+
+    ttft_s: float = 0.0  # time to the first token
+    tpot_s: float = 0.0  # time per output token after the first
+    reject: bool = False  # slo_aware: refuse (429) a request no instance is predicted to serve within both
+
+    def __post_init__(self) -> None:
+        if self.ttft_s < 0 or self.tpot_s < 0:
+            raise ValueError("SLO targets must be >= 0 (0: none)")
+
+    @property
+    def set(self) -> bool:
+        return self.ttft_s > 0 and self.tpot_s > 0
 
 
 @dataclass(frozen=True)
@@ -96,10 +114,13 @@ class RouterConfig:
 
     policy: str = "prefix_cache_aware"
     pd_short_prompt: int = 0  # with PD: prompts this short skip the prefill side (a mixed or the decode instance)
+    slo: SloConfig = field(default_factory=SloConfig)
 
     def __post_init__(self) -> None:
         if self.policy not in ROUTER_POLICIES:
             raise ValueError(f"router policy must be one of {', '.join(ROUTER_POLICIES)}; got {self.policy!r}")
+        if self.policy == "slo_aware" and not self.slo.set:
+            raise ValueError("--router-policy slo_aware needs both --slo-ttft-ms and --slo-tpot-ms")
 
 
 @dataclass(frozen=True)

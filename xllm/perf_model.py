@@ -25,6 +25,11 @@ import numpy as np
 
 from .protocol import InstanceProfile
 
+# Service times assumed for an instance whose profile is not known yet (it has not
+# measured, or it runs with --no-instance-profile): it ranks by its load, as prefill
+# tokens and decode batch, and its predictions are guesses.
+NOMINAL = InstanceProfile((0.0, 1e-3, 0.0), (0.01, 1e-3, 1e-6))
+
 
 def fit_nonnegative(design: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, float]:
     """Coefficients ``c >= 0`` minimising ``sum(((design @ c) / seconds - 1) ** 2)``, and the
@@ -92,6 +97,13 @@ class ServiceModel:
         """Seconds to prefill ``tokens`` queued tokens of unknown prompts, at the linear rate
         (a backlog: the per-prompt and quadratic terms are counted per request, where known)."""
         return self.p1 * tokens
+
+    def backlog_s(self, requests: int, tokens: int) -> float:
+        """Seconds to prefill ``requests`` queued prompts of ``tokens`` in all, taken as equally
+        long (a queue is known by its totals)."""
+        if requests <= 0 or tokens <= 0:
+            return 0.0
+        return self.p0 * requests + self.p1 * tokens + self.p2 * tokens * tokens / requests
 
     def decode_step_s(self, batch: int, context: int) -> float:
         """Seconds of one decode step of ``batch`` requests holding ``context`` tokens in all

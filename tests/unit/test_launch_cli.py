@@ -52,3 +52,15 @@ def test_auto_dtype_serves_16_bit_checkpoints_in_bf16_only_where_the_cpu_compute
     explicit = launcher.resolve_config(launcher.build_parser().parse_args(
         ["--model", str(model), "--dtype", "bfloat16"]))
     assert explicit.model.dtype == "bfloat16"  # asked for: honoured (with a warning without hardware bf16)
+
+
+def test_slo_aware_needs_both_targets(make_tiny):
+    from xllm.deploy import launcher
+
+    parse = launcher.build_parser().parse_args
+    model = str(make_tiny("tiny-llama"))
+    with pytest.raises(ValueError, match="slo_aware needs both --slo-ttft-ms and --slo-tpot-ms"):
+        launcher.resolve_config(parse(["--model", model, "--router-policy", "slo_aware", "--slo-ttft-ms", "500"]))
+    cfg = launcher.resolve_config(parse(["--model", model, "--router-policy", "slo_aware", "--slo-ttft-ms", "500",
+                                         "--slo-tpot-ms", "50", "--slo-reject"]))
+    assert (cfg.router.slo.ttft_s, cfg.router.slo.tpot_s, cfg.router.slo.reject) == (0.5, 0.05, True)

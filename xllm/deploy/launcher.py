@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 from ..config import (POLICIES, ROUTER_POLICIES, SPECULATIVE_METHODS, CacheConfig, EngineConfig, HttpConfig,
-                      ModelConfig, ParallelConfig, RouterConfig, SchedulerConfig, SpeculativeConfig, read_hf_config)
+                      ModelConfig, ParallelConfig, RouterConfig, SchedulerConfig, SloConfig, SpeculativeConfig,
+                      read_hf_config)
 from ..models.spec import DecoderSpec
 from ..kv_transfer import pool as kv_pool
 from ..metastore import etcd_access
@@ -165,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a new cluster key pair into DIR and exit")
     d.add_argument("--router-policy", default="prefix_cache_aware", choices=ROUTER_POLICIES,
                    help="how the router places requests on instances (see the README for the formulas)")
+    d.add_argument("--slo-ttft-ms", type=float, default=0.0,
+                   help="time-to-first-token target: slo_aware places requests to meet it, --adaptive-pd sizes "
+                        "the prefill pool by it (0: none)")
+    d.add_argument("--slo-tpot-ms", type=float, default=0.0,
+                   help="time-per-output-token target: slo_aware places requests to meet it, --adaptive-pd "
+                        "sizes the decode pool by it (0: none)")
+    d.add_argument("--slo-reject", action="store_true",
+                   help="slo_aware: refuse (HTTP 429, with the predictions) a request no instance is predicted "
+                        "to serve within both targets, instead of sending it where it misses least")
     d.add_argument("--micro-batch-overlap", action="store_true",
                    help="split each step in two micro-batches so one's all-reduce overlaps the "
                         "other's compute (with --tp > 1)")
@@ -239,7 +249,8 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                         request_timeout_s=args.request_timeout,
                         max_concurrent_requests=args.http_max_concurrent, api_key=api_key,
                         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser),
-        router=RouterConfig(policy=args.router_policy, pd_short_prompt=args.pd_short_prompt),
+        router=RouterConfig(policy=args.router_policy, pd_short_prompt=args.pd_short_prompt,
+                            slo=SloConfig(args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000, args.slo_reject)),
         speculative=SpeculativeConfig(method=args.speculative, num_tokens=args.num_speculative_tokens,
                                       max_batch=args.speculative_max_batch,
                                       draft_model=resolve_model_path(args.draft_model) if args.draft_model else ""),

@@ -46,6 +46,7 @@ from ..protocol import (
 )
 from .merge import FANNED_OUT, merge
 from .policies import make_policy
+from .slo import SloAware, SloRefused
 from .prefix_index import PrefixIndex
 from .registry import InstanceState, Registries, placement
 
@@ -76,7 +77,7 @@ class RouterActor(Actor):
         self.registry = Registries()
         self.index = PrefixIndex()
         # one policy per role, so round robin takes turns within each
-        self.policies = {role: make_policy(self.cfg.router.policy, self.index) for role in ROLES}
+        self.policies = {role: make_policy(self.cfg.router.policy, self.index, self.cfg.router.slo) for role in ROLES}
         self.placed: dict[str, tuple[str, bytes]] = {}  # request -> (instance, frontend)
         self.prefill_of: dict[str, str] = {}  # disaggregated request -> its prefill instance
         self.channels_to: dict[str, Channel] = {}  # instance -> its scheduler's input
@@ -85,7 +86,7 @@ class RouterActor(Actor):
         self._ids = itertools.count(1)
         self.ordered: dict[int, tuple[str, str]] = {}  # role change id -> (instance, its role then)
         self.records: dict[str, InstanceRecord] = {}  # what the store says, lost or not
-        self.stats = {"routed": 0, "routed_disaggregated": 0, "rejected": 0, "instances_lost": 0,
+        self.stats = {"routed": 0, "routed_disaggregated": 0, "rejected": 0, "rejected_slo": 0, "instances_lost": 0,
                       "requests_lost": 0, "role_changes": 0, "role_changes_refused": 0}
 
     async def setup(self) -> dict:
@@ -246,10 +247,15 @@ class RouterActor(Actor):
 
     async def _place(self, frontend: bytes, req: TokenizedRequest) -> None:
         role = placement(self.registry, len(req.prompt_token_ids), self.cfg.router.pd_short_prompt)
-        if role == "pair":
-            await self._place_pair(frontend, req)
+        try:
+            if role == "pair":
+                await self._place_pair(frontend, req)
+                return
+            inst = self.policies[role].choose(req, self.registry.pool(role))
+        except SloRefused as exc:
+            self.stats["rejected_slo"] += 1
+            await self.frontends.send_to(frontend, RequestRejected(req.req_id, str(exc), "overloaded"))
             return
-        inst = self.policies[role].choose(req, self.registry.pool(role))
         if inst is None:
             self.stats["rejected"] += 1
             await self.frontends.send_to(frontend, RequestRejected(
@@ -264,8 +270,12 @@ class RouterActor(Actor):
     async def _place_pair(self, frontend: bytes, req: TokenizedRequest) -> None:
         """A prefill instance (by the policy: the prefix-aware one scores cache hits there)
         and a decode instance (by the policy over the decode pool) for ``req``."""
-        pre = self.policies["prefill"].choose(req, self.registry.pool("prefill"))
-        dec = self.policies["decode"].choose(req, self.registry.pool("decode"))
+        policy = self.policies["decode"]
+        if isinstance(policy, SloAware):  # the pair is judged as one: TTFT on one side, TPOT on the other
+            pre, dec = policy.choose_pair(req, self.registry.pool("prefill"), self.registry.pool("decode"))
+        else:
+            pre = self.policies["prefill"].choose(req, self.registry.pool("prefill"))
+            dec = policy.choose(req, self.registry.pool("decode"))
         hashes = req.block_hashes
         self.registry.routed(pre, len(hashes) - self.index.deepest(pre.id, hashes))
         self.registry.routed(dec, 0)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Collection
+from typing import Callable, Collection, Iterator
 
-from ..perf_model import ServiceModel
+from ..perf_model import NOMINAL, ServiceModel
 from ..protocol import InstanceLoad
 
 
@@ -47,6 +47,36 @@ class InstanceState:
     def free_blocks(self) -> int:
         """Free KV blocks as last reported (all of them before any report)."""
         return self.load.num_free_blocks if self.load else self.num_blocks
+
+    @property
+    def service(self) -> ServiceModel:
+        """Its service-time model (a nominal one until its profile is known)."""
+        return self.model if self.model is not None else _NOMINAL
+
+    @property
+    def prefill_backlog_s(self) -> float:
+        """Predicted seconds of prefill queued in it: its waiting requests' prompts and the
+        prefill of those sent since its last report."""
+        waiting, blocks = (self.load.num_waiting, self.load.num_waiting_blocks) if self.load else (0, 0)
+        return self.service.backlog_s(waiting + self.pending, (blocks + self.pending_blocks) * self.block_size)
+
+    @property
+    def decode_batch(self) -> int:
+        """Requests it decodes (or will) by now: running as reported, plus those sent since."""
+        return (self.load.num_running if self.load else 0) + self.pending
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens of KV its requests hold, as last reported (its used blocks, full)."""
+        return (self.num_blocks - self.free_blocks) * self.block_size
+
+    @property
+    def decode_step_s(self) -> float:
+        """Predicted seconds of its decode step now."""
+        return self.service.decode_step_s(self.decode_batch, self.context_tokens)
+
+
+_NOMINAL = ServiceModel(NOMINAL)
 
 
 class _Ordered:
@@ -88,6 +118,8 @@ class Registry:
         self.instances: dict[str, InstanceState] = {}
         self._by_load = _Ordered(lambda i: i.work)
         self._by_free = _Ordered(lambda i: -(i.free_blocks - i.pending_blocks) / max(i.num_blocks, 1))
+        self._by_backlog = _Ordered(lambda i: i.prefill_backlog_s)
+        self._by_step = _Ordered(lambda i: i.decode_step_s)
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -101,8 +133,8 @@ class Registry:
         self._rerank(inst)
 
     def remove(self, instance_id: str) -> InstanceState | None:
-        self._by_load.remove(instance_id)
-        self._by_free.remove(instance_id)
+        for order in (self._by_load, self._by_free, self._by_backlog, self._by_step):
+            order.remove(instance_id)
         return self.instances.pop(instance_id, None)
 
     def report(self, load: InstanceLoad) -> InstanceState | None:
@@ -134,14 +166,24 @@ class Registry:
         iid = self._by_free.first()
         return self.instances[iid] if iid is not None else None
 
+    def by_backlog(self) -> Iterator[tuple[float, InstanceState]]:
+        """(prefill backlog seconds, instance), least first."""
+        for key, iid in self._by_backlog.entries:
+            yield key, self.instances[iid]
+
+    def by_decode_step(self) -> Iterator[tuple[float, InstanceState]]:
+        """(decode step seconds now, instance), quickest first."""
+        for key, iid in self._by_step.entries:
+            yield key, self.instances[iid]
+
     def silent(self, limit_s: float) -> list[InstanceState]:
         """Instances whose last report is older than ``limit_s`` seconds."""
         now = time.monotonic()
         return [i for i in self.instances.values() if now - i.last_report > limit_s]
 
     def _rerank(self, inst: InstanceState) -> None:
-        self._by_load.update(inst)
-        self._by_free.update(inst)
+        for order in (self._by_load, self._by_free, self._by_backlog, self._by_step):
+            order.update(inst)
 
 
 DRAINING = "draining"  # the pool of instances changing role: no policy chooses from it
