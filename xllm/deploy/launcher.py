@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import (POLICIES, ROUTER_POLICIES, SPECULATIVE_METHODS, CacheConfig, EngineConfig, HttpConfig,
+from ..config import (POLICIES, ROUTER_POLICIES, SPECULATIVE_METHODS, AdaptivePDConfig, CacheConfig, EngineConfig,
+                      HttpConfig,
                       ModelConfig, ParallelConfig, RouterConfig, SchedulerConfig, SloConfig, SpeculativeConfig,
                       read_hf_config)
 from ..models.spec import DecoderSpec
@@ -172,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--slo-tpot-ms", type=float, default=0.0,
                    help="time-per-output-token target: slo_aware places requests to meet it, --adaptive-pd "
                         "sizes the decode pool by it (0: none)")
+    d.add_argument("--adaptive-pd", action="store_true",
+                   help="let the router turn prefill instances into decode instances and back while they serve, "
+                        "as the traffic asks (needs --slo-ttft-ms and --slo-tpot-ms; see the README)")
+    d.add_argument("--adaptive-pd-window", type=float, default=10.0,
+                   help="seconds of recent traffic the adaptive PD controller sizes the pools for")
+    d.add_argument("--adaptive-pd-hold", type=float, default=3.0,
+                   help="seconds a better split must stay better before an instance changes role")
+    d.add_argument("--adaptive-pd-cooldown", type=float, default=10.0,
+                   help="seconds after a role change before another may start")
+    d.add_argument("--role-drain-timeout", type=float, default=30.0,
+                   help="seconds an instance changing role waits for its old role's requests to finish "
+                        "before it switches anyway (they finish beside the new work)")
     d.add_argument("--slo-reject", action="store_true",
                    help="slo_aware: refuse (HTTP 429, with the predictions) a request no instance is predicted "
                         "to serve within both targets, instead of sending it where it misses least")
@@ -250,7 +263,11 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                         max_concurrent_requests=args.http_max_concurrent, api_key=api_key,
                         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser),
         router=RouterConfig(policy=args.router_policy, pd_short_prompt=args.pd_short_prompt,
-                            slo=SloConfig(args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000, args.slo_reject)),
+                            slo=SloConfig(args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000, args.slo_reject),
+                            adaptive=AdaptivePDConfig(args.adaptive_pd, window_s=args.adaptive_pd_window,
+                                                      hold_s=args.adaptive_pd_hold,
+                                                      cooldown_s=args.adaptive_pd_cooldown,
+                                                      drain_timeout_s=args.role_drain_timeout)),
         speculative=SpeculativeConfig(method=args.speculative, num_tokens=args.num_speculative_tokens,
                                       max_batch=args.speculative_max_batch,
                                       draft_model=resolve_model_path(args.draft_model) if args.draft_model else ""),

@@ -15,9 +15,11 @@ leave with it (a lease that expired, a clean stop), or when their load reports s
 for ``SILENCE_S``. A lost instance gets no new request; the frontends of the requests
 it held hear of them (``InstanceLost``) and re-send or end each one.
 
-An instance's role can change while it runs (``change_role``): it leaves its pool at once
-(no new work), drains, switches, and comes back in the pool of its new role when its
-store record or its ``RoleChanged`` says so.
+An instance's role can change while it runs (``role_changes``): it leaves its pool at once
+(no new work), drains, switches, and comes back in the pool of its new role. With
+``--adaptive-pd`` the first router of a host runs the controller (``adaptive``) that
+decides those changes: it hears of every request placed and looks at the split once a
+second.
 """
 
 from __future__ import annotations
@@ -41,14 +43,15 @@ from ..metastore.registration import PrefixFollower, Registration
 from ..perf_model import ServiceModel
 from ..protocol import (
     AbortRequest, ControlCall, ControlReply, DisaggregatedRequest, ErrorReply, InstanceLoad, InstanceLost,
-    InstanceRecord, InstanceReport, KVEventBatch, PrefillLost, RequestRejected, RoleChange, RoleChanged,
-    RouterInput, RouterRecord, TokenizedRequest,
+    InstanceRecord, InstanceReport, KVEventBatch, PrefillLost, RequestRejected, RoleChanged, RouterInput,
+    RouterRecord, TokenizedRequest,
 )
 from .merge import FANNED_OUT, merge
 from .policies import make_policy
 from .slo import SloAware, SloRefused
 from .prefix_index import PrefixIndex
 from .registry import InstanceState, Registries, placement
+from .role_changes import RoleChanges
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +87,11 @@ class RouterActor(Actor):
         self.gathers: dict[int, Gather] = {}
         self.asked: dict[int, tuple[int, str]] = {}  # call id sent to an instance -> (gather, instance)
         self._ids = itertools.count(1)
-        self.ordered: dict[int, tuple[str, str]] = {}  # role change id -> (instance, its role then)
         self.records: dict[str, InstanceRecord] = {}  # what the store says, lost or not
+        control = self.cfg.router.adaptive.enabled and plan.of_kind("router")[0].name == spec.name
+        self.roles = RoleChanges(self.registry, self.cfg.router, self._to_instance, time.monotonic(), control)
         self.stats = {"routed": 0, "routed_disaggregated": 0, "rejected": 0, "rejected_slo": 0, "instances_lost": 0,
-                      "requests_lost": 0, "role_changes": 0, "role_changes_refused": 0}
+                      "requests_lost": 0}
 
     async def setup(self) -> dict:
         plan = self.plan
@@ -131,35 +135,6 @@ class RouterActor(Actor):
         inst.model = ServiceModel(rec.profile) if rec.profile is not None else None
         self.registry.add(inst)
 
-    async def change_role(self, instance_id: str, role: str, drain_timeout_s: float) -> int | None:
-        """Order ``instance_id`` to become ``role``: it gets no new work from now until it has
-        switched. The change's id, or None if the instance is not registered."""
-        inst = self.registry.get(instance_id)
-        if inst is None:
-            return None
-        change_id = next(self._ids)
-        log.info("role change %d ordered: %s %s -> %s", change_id, instance_id, inst.role, role)
-        self.ordered[change_id] = (instance_id, inst.role)
-        self.registry.set_role(instance_id, inst.role, role)
-        await self._to_instance(instance_id, RoleChange(change_id, role, drain_timeout_s))
-        return change_id
-
-    def _role_changed(self, msg: RoleChanged) -> None:
-        inst = self.registry.get(msg.instance_id)
-        if inst is None or inst.incarnation not in ("", msg.incarnation):
-            return
-        iid, was = self.ordered.pop(msg.change_id, ("", ""))
-        if iid != msg.instance_id:
-            was = ""  # another router's order: that router counts it
-        if not msg.ok:
-            self.stats["role_changes_refused"] += 1
-            log.warning("instance %s refused role change %d: %s", msg.instance_id, msg.change_id, msg.error)
-        elif was and msg.role != was:
-            self.stats["role_changes"] += 1
-            log.info("instance %s is %s now (role change %d, %.2f s of draining, %d requests of the old "
-                     "role left)", msg.instance_id, msg.role, msg.change_id, msg.drain_s, msg.left_over)
-        self.registry.set_role(msg.instance_id, msg.role)  # in service again, in the role it has
-
     async def _instance_delete(self, key: bytes) -> None:
         iid = key.rsplit(b"/", 1)[-1].decode()
         self.records.pop(iid, None)
@@ -171,7 +146,7 @@ class RouterActor(Actor):
         if inst is None:
             return
         self.index.clear(instance_id)
-        self.ordered = {k: v for k, v in self.ordered.items() if v[0] != instance_id}
+        self.roles.lost(instance_id, time.monotonic())
         held: dict[bytes, list[str]] = {}
         for rid, (iid, frontend) in list(self.placed.items()):
             if iid == instance_id:
@@ -227,6 +202,7 @@ class RouterActor(Actor):
             await self._expire_gathers()
             for inst in self.registry.silent(SILENCE_S):
                 await self._lost(inst.id, f"no load report for {SILENCE_S:g} s")
+            await self.roles.tick(time.monotonic())
             await poller.poll(100 if self.gathers else 500)
 
     # -- from frontends -----------------------------------------------------------------------
@@ -262,7 +238,9 @@ class RouterActor(Actor):
                 req.req_id, "no instance is serving this deployment", "unavailable"))
             return
         hashes = req.block_hashes
-        self.registry.routed(inst, len(hashes) - self.index.deepest(inst.id, hashes))
+        hit = self.index.deepest(inst.id, hashes)
+        self.registry.routed(inst, len(hashes) - hit)
+        self.roles.observe(req, hit * inst.block_size, time.monotonic())
         self.placed[req.req_id] = (inst.id, frontend)
         self.stats["routed"] += 1
         await self._to_instance(inst.id, req)
@@ -277,8 +255,10 @@ class RouterActor(Actor):
             pre = self.policies["prefill"].choose(req, self.registry.pool("prefill"))
             dec = policy.choose(req, self.registry.pool("decode"))
         hashes = req.block_hashes
-        self.registry.routed(pre, len(hashes) - self.index.deepest(pre.id, hashes))
+        hit = self.index.deepest(pre.id, hashes)
+        self.registry.routed(pre, len(hashes) - hit)
         self.registry.routed(dec, 0)
+        self.roles.observe(req, hit * pre.block_size, time.monotonic())
         self.placed[req.req_id] = (dec.id, frontend)
         self.prefill_of[req.req_id] = pre.id
         self.stats["routed"] += 1
@@ -319,10 +299,7 @@ class RouterActor(Actor):
         reply = merge(gather.call_id, gather.method, gather.replies)
         if gather.method == "stats" and reply.ok:
             reply.result["router"] = {**self.stats, "num_instances": len(self.registry),
-                                      "prefix_index_blocks": len(self.index),
-                                      "roles": {i.id: i.role for i in self.registry.instances.values()},
-                                      "draining": {i.id: i.next_role for i in self.registry.instances.values()
-                                                   if i.next_role}}
+                                      "prefix_index_blocks": len(self.index), **self.roles.snapshot()}
         await self.frontends.send_to(gather.frontend, reply)
 
     async def _expire_gathers(self) -> None:
@@ -358,7 +335,7 @@ class RouterActor(Actor):
                 self.index.stored(msg.instance_id, [b.block_hash for b in msg.stored])
                 self.index.removed(msg.instance_id, msg.removed)
             case RoleChanged():
-                self._role_changed(msg)
+                self.roles.changed(msg, time.monotonic())
             case ControlReply():
                 gid, iid = self.asked.pop(msg.call_id, (None, None))
                 if gid is not None and gid in self.gathers:
