@@ -46,12 +46,11 @@ class Script:
             while self.next_arrival <= self.now:
                 self.ctl.observe(self.next_arrival, prompt, 0, out)
                 self.next_arrival += 1.0 / rate
-            flip = self.ctl.step(self.reg, self.now)
-            if flip is not None:
+            for flip in self.ctl.step(self.reg, self.now):
                 self.flips.append((self.now, flip.instance_id, flip.role))
                 if finish_changes:  # it drains and switches at once
                     self.reg.set_role(flip.instance_id, flip.role)
-                    self.ctl.finished(self.now)
+                    self.ctl.finished(self.now, flip.instance_id)
 
 
 def test_a_decode_heavy_load_turns_a_prefill_instance_into_a_decode_instance_after_the_hold():
@@ -88,7 +87,7 @@ def test_the_cooldown_spaces_changes_and_one_change_runs_at_a_time():
     script = Script(ctl, reg)
     script.run(8.0, heavier, finish_changes=False)
     assert len(script.flips) == 1  # the first change never finishes: no second one
-    script.ctl.finished(script.now)
+    script.ctl.finished(script.now, script.flips[0][1])
     reg.set_role(script.flips[0][1], "decode")
     script.run(30.0, heavier)
     assert len(script.flips) == 2
@@ -134,10 +133,19 @@ def test_a_change_with_no_answer_is_given_up():
     reg = pools(prefill=2, decode=1)
     ctl = RoleController(SLO, CFG, 0.0)
     Script(ctl, reg).run(5.0, DECODE_HEAVY, finish_changes=False)
-    assert ctl.changing is not None and ctl.expired(5.0) is None
-    assert ctl.expired(ctl.changing.started + CFG.drain_timeout_s + 10.5) == ctl.changing.instance_id
+    assert ctl.changing is not None and ctl.expired(5.0) == []
+    assert ctl.expired(ctl.changing.started + CFG.drain_timeout_s + 10.5) == sorted(ctl.changing.pending)
 
 
 def test_it_needs_both_targets():
     with pytest.raises(ValueError, match="needs both --slo-ttft-ms and --slo-tpot-ms"):
         RoleController(SloConfig(ttft_s=1.0), CFG, 0.0)
+
+
+def test_a_large_deployment_moves_a_tenth_of_its_instances_per_change():
+    reg = pools(prefill=60, decode=40)
+    script = Script(RoleController(SLO, CFG, 0.0), reg)
+    script.run(6.0, (32, 512, 60.0))  # 40 decode instances are far too few; about 94 would do
+    assert len(script.flips) == 10 and {role for _, _, role in script.flips} == {"decode"}
+    assert len({at for at, _, _ in script.flips}) == 1  # one change of ten instances
+

@@ -24,9 +24,10 @@ The split is wrong when the current one is predicted to miss a target (score > 1
 instances' reports say one is missed (their recent mean TTFT or TPOT), and another split
 scores at least ``margin`` better. Hysteresis: it must stay wrong, in the same direction,
 for ``hold_s``; after a change no other starts for ``cooldown_s``; one change at a time,
-one instance per change (towards the best split), and at least one instance of each role
-always (``p`` runs from 1 to ``N − 1``). The instance that flips is the one with the least
-to drain: the prefill instance with the least backlog, the decode instance with the
+and at least one instance of each role always (``p`` runs from 1 to ``N − 1``). A change
+moves the split towards the best one by one instance, or by up to ``MAX_STEP`` of the
+instances in a large deployment. The instances that flip are those with the least to
+drain: the prefill instances with the least backlog, the decode instances with the
 quickest step (fewest requests).
 
 Pure: no sockets, no clock of its own (every verb takes ``now``), so a scripted load and a
@@ -35,6 +36,7 @@ fake clock test it, and the simulator (``bench.sim``) drives the same class.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -44,6 +46,7 @@ from ..protocol import InstanceProfile
 from .registry import InstanceState, Registries
 
 SATURATED = 0.98  # utilization past which a side counts as overloaded
+MAX_STEP = 0.1  # of the prefill and decode instances, the most one change moves
 
 
 @dataclass
@@ -110,9 +113,10 @@ class Split:
 
 @dataclass
 class Change:
-    instance_id: str
-    role: str
+    """The instances a change moves that have not switched yet."""
+
     started: float
+    pending: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -124,7 +128,7 @@ class RoleController:
     cfg: AdaptivePDConfig
     now: float  # when it started
     demand: Demand = field(init=False)
-    changing: Change | None = None
+    changing: Change | None = None  # the change under way
     last_change: float = -math.inf  # when the last change ended
     wrong_since: float | None = None  # since when the split has looked wrong, in this direction
     direction: int = 0  # +1: more prefill wanted, -1: more decode
@@ -142,27 +146,32 @@ class RoleController:
         prefills), ``out`` output tokens at most."""
         self.demand.add(now, self.model.prefill_s(prompt, cached), prompt, out)
 
-    def finished(self, now: float) -> None:
-        """The change under way is over (switched, refused, or its instance lost)."""
-        self.changing = None
-        self.last_change = now
-        self.wrong_since, self.direction = None, 0
+    def finished(self, now: float, instance_id: str) -> None:
+        """``instance_id`` has switched (or refused, or is lost); the change is over when all
+        of its instances have."""
+        if self.changing is None:
+            return
+        self.changing.pending.discard(instance_id)
+        if not self.changing.pending:
+            self.changing = None
+            self.last_change = now
+            self.wrong_since, self.direction = None, 0
 
-    def expired(self, now: float) -> str | None:
-        """The instance whose change has taken too long (its drain timeout and then some):
-        the router puts it back in service in the role it has; None if none."""
+    def expired(self, now: float) -> list[str]:
+        """The instances whose change has taken too long (the drain timeout and then some):
+        the router puts them back in service in the role they have."""
         if self.changing is not None and now - self.changing.started > self.cfg.drain_timeout_s + 10.0:
-            return self.changing.instance_id
-        return None
+            return sorted(self.changing.pending)
+        return []
 
     # -- the decision -------------------------------------------------------------------------
-    def step(self, pools: Registries, now: float) -> Flip | None:
-        """Look at the split once; a change to make now, if any."""
+    def step(self, pools: Registries, now: float) -> list[Flip]:
+        """Look at the split once; the role changes to make now (none, mostly)."""
         prefill, decode = pools.pool("prefill"), pools.pool("decode")
         p, d = len(prefill), len(decode)
         self._update_model(list(prefill.instances.values()) + list(decode.instances.values()))
         if self.changing is not None or p + d < 2 or p == 0 or d == 0:
-            return None
+            return []
         splits = [self.predict(k, p + d, now, pools) for k in range(1, p + d)]
         current, best = splits[p - 1], min(splits, key=lambda s: (s.score, abs(s.prefill - p)))
         measured = self._measured(pools)
@@ -173,20 +182,22 @@ class RoleController:
         missing = current.score > 1.0 or measured[0] > self.slo.ttft_s or measured[1] > self.slo.tpot_s
         if best.prefill == p or not missing or best.score > (1.0 - self.cfg.margin) * current.score:
             self.wrong_since, self.direction = None, 0
-            return None
+            return []
         direction = 1 if best.prefill > p else -1
         if direction != self.direction or self.wrong_since is None:
             self.wrong_since, self.direction = now, direction
         if now - self.wrong_since < self.cfg.hold_s or now - self.last_change < self.cfg.cooldown_s:
-            return None
-        inst = self._least_to_drain(prefill if direction < 0 else decode, direction < 0)
+            return []
+        count = min(abs(best.prefill - p), max(1, int(MAX_STEP * (p + d))))
+        walk = prefill.by_backlog() if direction < 0 else decode.by_decode_step()
+        moving = [inst for _, inst in itertools.islice(walk, count)]  # the least to drain first
         role = "prefill" if direction > 0 else "decode"
-        self.changing = Change(inst.id, role, now)
+        self.changing = Change(now, {inst.id for inst in moving})
         reason = (f"{p} prefill + {d} decode predicted TTFT {_ms(current.ttft_s)}, TPOT {_ms(current.tpot_s)} "
                   f"(pressure {current.score:.2f}; measured TTFT {_ms(measured[0])}, TPOT {_ms(measured[1])}); "
                   f"{best.prefill} + {best.decode} predicted TTFT {_ms(best.ttft_s)}, TPOT {_ms(best.tpot_s)} "
                   f"(pressure {best.score:.2f}) at {self.last['rate']:.2f} req/s")
-        return Flip(inst.id, role, reason)
+        return [Flip(inst.id, role, reason) for inst in moving]
 
     def predict(self, p: int, n: int, now: float, pools: Registries) -> Split:
         """What ``p`` prefill and ``n − p`` decode instances are predicted to do with the
@@ -240,11 +251,6 @@ class RoleController:
         ttfts = [ld.ttft_s for ld in loads if ld.ttft_s > 0]
         tpots = [ld.tpot_s for ld in loads if ld.tpot_s > 0]
         return (sum(ttfts) / len(ttfts) if ttfts else 0.0, sum(tpots) / len(tpots) if tpots else 0.0)
-
-    @staticmethod
-    def _least_to_drain(pool, prefill: bool) -> InstanceState:
-        walk = pool.by_backlog() if prefill else pool.by_decode_step()
-        return next(walk)[1]
 
 
 def _ms(seconds: float) -> str:

@@ -84,18 +84,16 @@ class RoleChanges:
         if ctl is None or now < self._next_tick:
             return
         self._next_tick = now + self.interval_s
-        stuck = ctl.expired(now)
-        if stuck is not None:
+        for stuck in ctl.expired(now):
             inst = self.registry.get(stuck)
             log.warning("role change of %s abandoned: no answer in time", stuck)
             if inst is not None:
                 self.registry.set_role(stuck, inst.role)  # back in service in the role it has
-            ctl.finished(now)
-        flip = ctl.step(self.registry, now)
-        if flip is not None:
+            ctl.finished(now, stuck)
+        for flip in ctl.step(self.registry, now):
             log.info("adaptive PD: %s becomes %s: %s", flip.instance_id, flip.role, flip.reason)
             if await self.order(flip.instance_id, flip.role) is None:
-                ctl.finished(now)
+                ctl.finished(now, flip.instance_id)
 
     def snapshot(self) -> dict:
         """For the router's ``stats``: counts, each instance's role, the draining, the last look."""
@@ -105,6 +103,5 @@ class RoleChanges:
                 "adaptive": self.controller.last if self.controller is not None else {}}
 
     def _done(self, instance_id: str, now: float) -> None:
-        ctl = self.controller
-        if ctl is not None and ctl.changing is not None and ctl.changing.instance_id == instance_id:
-            ctl.finished(now)
+        if self.controller is not None:
+            self.controller.finished(now, instance_id)
