@@ -18,7 +18,9 @@ import random
 import sys
 import time
 
-from xllm.protocol import InstanceLoad, SamplingParams, TokenizedRequest
+from xllm.config import SloConfig
+from xllm.perf_model import ServiceModel
+from xllm.protocol import InstanceLoad, InstanceProfile, SamplingParams, TokenizedRequest
 from xllm.router.policies import POLICIES, make_policy
 from xllm.router.prefix_index import PrefixIndex
 from xllm.router.registry import InstanceState, Registry
@@ -28,6 +30,10 @@ from .common import base_parser, report, stats, table
 SYSTEM_BLOCKS = 4
 CONVERSATIONS_PER_INSTANCE = 20
 MAX_HISTORY_BLOCKS = 64
+# slo_aware: every instance has llama-110m's shape of profile on this machine (bench/sim/profile.json's
+# order of magnitude), and targets most of them meet
+PROFILE = InstanceProfile((0.06, 2.2e-3, 4e-7), (0.027, 4.5e-3, 1e-5))
+SLO = SloConfig(ttft_s=2.0, tpot_s=0.5)
 
 
 def build(n: int, rng: random.Random) -> tuple[Registry, PrefixIndex, list[list[int]]]:
@@ -38,8 +44,10 @@ def build(n: int, rng: random.Random) -> tuple[Registry, PrefixIndex, list[list[
     conversations = []
     for k in range(n):
         iid = f"h{k}-i0"
-        registry.add(InstanceState(iid, f"tcp://10.0.{k // 250}.{k % 250}:7300", "x", num_blocks=4096,
-                                   block_size=16, max_num_seqs=64))
+        inst = InstanceState(iid, f"tcp://10.0.{k // 250}.{k % 250}:7300", "x", num_blocks=4096,
+                             block_size=16, max_num_seqs=64)
+        inst.model = ServiceModel(PROFILE)
+        registry.add(inst)
         registry.report(InstanceLoad(iid, "x", rng.randint(0, 20), rng.randint(0, 64),
                                      rng.randint(0, 4096), 4096, 0.05, 0.01))
         held = list(system)
@@ -66,7 +74,7 @@ def requests(conversations: list[list[int]], count: int, rng: random.Random) -> 
 def measure(policy_name: str, n: int, decisions: int, seed: int) -> list[float]:
     rng = random.Random(seed)
     registry, index, conversations = build(n, rng)
-    policy = make_policy(policy_name, index)
+    policy = make_policy(policy_name, index, SLO)
     reqs = requests(conversations, decisions, rng)
     times = []
     clock = time.perf_counter_ns

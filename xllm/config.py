@@ -29,6 +29,7 @@ class ModelConfig:
     seed: int = 0  # seeds the sampler of requests that bring no seed
     enforce_eager: bool = False  # no compiled decode graphs: every step runs eagerly
     quantization: str = "none"  # linear weights: "none" (dtype) or "q8_0" (xllm.layers.quantization)
+    profile: bool = True  # measure the instance's service times at start (xllm.worker.profiler)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -90,7 +91,45 @@ class ParallelConfig:
     shm_collectives: bool = True  # CPU ranks of one host: all-reduce/all-gather through shared memory
 
 
-ROUTER_POLICIES = ("round_robin", "prefix_cache_aware", "kv_cache_aware")
+ROUTER_POLICIES = ("round_robin", "prefix_cache_aware", "kv_cache_aware", "slo_aware")
+
+
+@dataclass(frozen=True)
+class SloConfig:
+    """Latency targets the router places requests for (``slo_aware``) and sizes the prefill
+    and decode pools by (``--adaptive-pd``); 0 means no target."""
+
+    ttft_s: float = 0.0  # time to the first token
+    tpot_s: float = 0.0  # time per output token after the first
+    reject: bool = False  # slo_aware: refuse (429) a request no instance is predicted to serve within both
+
+    def __post_init__(self) -> None:
+        if self.ttft_s < 0 or self.tpot_s < 0:
+            raise ValueError("SLO targets must be >= 0 (0: none)")
+
+    @property
+    def set(self) -> bool:
+        return self.ttft_s > 0 and self.tpot_s > 0
+
+
+@dataclass(frozen=True)
+class AdaptivePDConfig:
+    """The router's adaptive PD controller (``xllm.router.adaptive``): it turns prefill
+    instances into decode instances and back while they serve."""
+
+    enabled: bool = False
+    interval_s: float = 1.0  # how often it looks at the split
+    window_s: float = 10.0  # the demand it sizes for: arrivals decayed with this time constant
+    hold_s: float = 3.0  # a better split must stay better this long before an instance changes role
+    cooldown_s: float = 10.0  # after a change, no other for this long
+    margin: float = 0.2  # the better split's pressure must be this much lower (a share of the current one)
+    drain_timeout_s: float = 30.0  # an instance switches then, whatever of its old role is left
+
+    def __post_init__(self) -> None:
+        if min(self.interval_s, self.window_s) <= 0 or min(self.hold_s, self.cooldown_s, self.drain_timeout_s) < 0:
+            raise ValueError("adaptive PD periods must be positive (hold, cooldown and drain timeout >= 0)")
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"the adaptive PD margin must be in [0, 1), got {self.margin}")
 
 
 @dataclass(frozen=True)
@@ -99,10 +138,16 @@ class RouterConfig:
 
     policy: str = "prefix_cache_aware"
     pd_short_prompt: int = 0  # with PD: prompts this short skip the prefill side (a mixed or the decode instance)
+    slo: SloConfig = field(default_factory=SloConfig)
+    adaptive: AdaptivePDConfig = field(default_factory=AdaptivePDConfig)
 
     def __post_init__(self) -> None:
         if self.policy not in ROUTER_POLICIES:
             raise ValueError(f"router policy must be one of {', '.join(ROUTER_POLICIES)}; got {self.policy!r}")
+        if self.policy == "slo_aware" and not self.slo.set:
+            raise ValueError("--router-policy slo_aware needs both --slo-ttft-ms and --slo-tpot-ms")
+        if self.adaptive.enabled and not self.slo.set:
+            raise ValueError("--adaptive-pd needs both --slo-ttft-ms and --slo-tpot-ms (it sizes the pools by them)")
 
 
 @dataclass(frozen=True)

@@ -298,6 +298,57 @@ RouterInput = Union[TokenizedRequest, AbortRequest, ControlCall]
 
 
 # --------------------------------------------------------------------------------------
+# Adaptive PD (README "Adaptive PD"): what an instance measured of itself, and the router
+# turning a prefill instance into a decode instance or back while it runs.
+#
+# The router stops sending the instance work of its old role and sends ``RoleChange``;
+# the scheduler announces the change in the store (``InstanceRecord.next_role``), lets
+# the old role's requests finish (it still serves whatever reaches it), switches, puts
+# its new role in the store and tells every router (``RoleChanged``).
+# --------------------------------------------------------------------------------------
+
+
+class InstanceProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An instance's service times, measured by its workers at start and fitted by least
+    squares (``xllm.perf_model``); published with its registration."""
+
+    prefill: tuple[float, float, float]  # (p0, p1, p2): seconds to prefill L tokens alone = p0 + p1·L + p2·L²
+    decode: tuple[float, float, float]  # (d0, d1, d2): one decode step of B requests holding C context
+    # tokens in all (B × their mean context) = d0 + d1·B + d2·C
+    prefill_error: float = 0.0  # relative RMS error of the prefill fit over its samples
+    decode_error: float = 0.0  # relative RMS error of the decode fit over its samples
+    max_prompt: int = 0  # the longest prompt measured (beyond it the fit extrapolates)
+    max_batch: int = 0  # the largest decode batch measured
+    max_context: int = 0  # the most context tokens of a measured decode step
+    threads: int = 1  # torch threads of the worker that measured it
+    seconds: float = 0.0  # how long measuring took (0: read from the cache)
+
+
+class RoleChange(msgspec.Struct, tag="role_change"):
+    """Router -> scheduler: become ``role`` ("prefill" or "decode") once the requests of the
+    old role have finished, or after ``drain_timeout_s`` whatever is left (it finishes
+    beside the new work); answered by ``RoleChanged`` to every router."""
+
+    change_id: int  # chosen by the router, echoed in the answer
+    role: str
+    drain_timeout_s: float = 30.0
+
+
+class RoleChanged(msgspec.Struct, tag="role_changed"):
+    """Scheduler -> every router: the instance's role is now ``role`` (``ok``), or the
+    change was refused (``error``)."""
+
+    instance_id: str
+    incarnation: str
+    change_id: int
+    role: str  # the role it has now
+    ok: bool = True
+    error: str = ""
+    drain_s: float = 0.0  # seconds from the order to the switch
+    left_over: int = 0  # requests of the old role still running when it switched (drain timed out)
+
+
+# --------------------------------------------------------------------------------------
 # Prefill/decode disaggregation (xllm.kv_transfer, README "Prefill/decode disaggregation")
 #
 # The router sends a request to a decode instance, naming a prefill instance. The decode
@@ -365,7 +416,7 @@ class KVReceived(msgspec.Struct, tag="kv_received"):
 
 
 SchedulerInput = Union[TokenizedRequest, AbortRequest, ControlCall, DisaggregatedRequest, PrefillRequest,
-                       PrefillLost, KVReleased, KVReceived]
+                       PrefillLost, KVReleased, KVReceived, RoleChange]
 
 
 class KVSend(msgspec.Struct, array_like=True):
@@ -516,7 +567,7 @@ class KVEventBatch(msgspec.Struct, tag="kv_events"):
     cleared: bool = False  # the whole cache was reset (before ``stored``)
 
 
-InstanceReport = Union[InstanceLoad, KVEventBatch, ControlReply]
+InstanceReport = Union[InstanceLoad, KVEventBatch, ControlReply, RoleChanged]
 
 
 # --------------------------------------------------------------------------------------
@@ -536,6 +587,8 @@ class InstanceRecord(msgspec.Struct):
     num_blocks: int = 0  # KV blocks in its pool
     block_size: int = 16
     max_num_seqs: int = 64
+    next_role: str = ""  # the role it is draining towards ("": no change under way); routers send it no new work
+    profile: InstanceProfile | None = None  # its measured service times (None until its workers measured them)
 
 
 class RouterRecord(msgspec.Struct):

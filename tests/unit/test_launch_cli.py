@@ -85,3 +85,13 @@ def test_quantization_reaches_the_model_config(make_tiny):
     assert resolve_config(args).model.quantization == "q8_0"
     with pytest.raises(ValueError, match="quantization"):
         engine_flags({"quantization": "q4"})
+def test_slo_aware_needs_both_targets(make_tiny):
+    from xllm.deploy import launcher
+
+    parse = launcher.build_parser().parse_args
+    model = str(make_tiny("tiny-llama"))
+    with pytest.raises(ValueError, match="slo_aware needs both --slo-ttft-ms and --slo-tpot-ms"):
+        launcher.resolve_config(parse(["--model", model, "--router-policy", "slo_aware", "--slo-ttft-ms", "500"]))
+    cfg = launcher.resolve_config(parse(["--model", model, "--router-policy", "slo_aware", "--slo-ttft-ms", "500",
+                                         "--slo-tpot-ms", "50", "--slo-reject"]))
+    assert (cfg.router.slo.ttft_s, cfg.router.slo.tpot_s, cfg.router.slo.reject) == (0.5, 0.05, True)

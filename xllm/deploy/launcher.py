@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import (POLICIES, QUANTIZATIONS, ROUTER_POLICIES, SPECULATIVE_METHODS, CacheConfig, EngineConfig,
-                      HttpConfig, ModelConfig, ParallelConfig, RouterConfig, SchedulerConfig, SpeculativeConfig,
-                      read_hf_config)
+from ..config import (POLICIES, QUANTIZATIONS, ROUTER_POLICIES, SPECULATIVE_METHODS, AdaptivePDConfig, CacheConfig,
+                      EngineConfig, HttpConfig, ModelConfig, ParallelConfig, RouterConfig, SchedulerConfig, SloConfig,
+                      SpeculativeConfig, read_hf_config)
 from ..models.spec import DecoderSpec
 from ..kv_transfer import pool as kv_pool
 from ..metastore import etcd_access
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear weights: none keeps them in --dtype; q8_0 keeps a GGUF file's Q8_0 blocks "
                         "as they are and quantizes every other linear weight to Q8_0 at load (embeddings, "
                         "norms and biases stay in --dtype; with --tp 1)")
+    m.add_argument("--no-instance-profile", action="store_true",
+                   help="do not measure each instance's prefill and decode times at start (the slo_aware "
+                        "policy and --adaptive-pd predict with them; measured once, then cached)")
     c = p.add_argument_group("KV cache")
     c.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     c.add_argument("--kv-cache-memory", type=float, default=2.0,
@@ -168,6 +171,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a new cluster key pair into DIR and exit")
     d.add_argument("--router-policy", default="prefix_cache_aware", choices=ROUTER_POLICIES,
                    help="how the router places requests on instances (see the README for the formulas)")
+    d.add_argument("--slo-ttft-ms", type=float, default=0.0,
+                   help="time-to-first-token target: slo_aware places requests to meet it, --adaptive-pd sizes "
+                        "the prefill pool by it (0: none)")
+    d.add_argument("--slo-tpot-ms", type=float, default=0.0,
+                   help="time-per-output-token target: slo_aware places requests to meet it, --adaptive-pd "
+                        "sizes the decode pool by it (0: none)")
+    d.add_argument("--adaptive-pd", action="store_true",
+                   help="let the router turn prefill instances into decode instances and back while they serve, "
+                        "as the traffic asks (needs --slo-ttft-ms and --slo-tpot-ms; see the README)")
+    d.add_argument("--adaptive-pd-window", type=float, default=10.0,
+                   help="seconds of recent traffic the adaptive PD controller sizes the pools for")
+    d.add_argument("--adaptive-pd-hold", type=float, default=3.0,
+                   help="seconds a better split must stay better before an instance changes role")
+    d.add_argument("--adaptive-pd-cooldown", type=float, default=10.0,
+                   help="seconds after a role change before another may start")
+    d.add_argument("--role-drain-timeout", type=float, default=30.0,
+                   help="seconds an instance changing role waits for its old role's requests to finish "
+                        "before it switches anyway (they finish beside the new work)")
+    d.add_argument("--slo-reject", action="store_true",
+                   help="slo_aware: refuse (HTTP 429, with the predictions) a request no instance is predicted "
+                        "to serve within both targets, instead of sending it where it misses least")
     d.add_argument("--micro-batch-overlap", action="store_true",
                    help="split each step in two micro-batches so one's all-reduce overlaps the "
                         "other's compute (with --tp > 1)")
@@ -229,7 +253,8 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(path=path, dtype=dtype, max_model_len=max_len,
                           served_name=args.served_model_name or _served_name(path), seed=args.seed,
-                          enforce_eager=args.enforce_eager, quantization=args.quantization),
+                          enforce_eager=args.enforce_eager, quantization=args.quantization,
+                          profile=not args.no_instance_profile),
         cache=CacheConfig(block_size=bs, num_blocks=blocks, enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
@@ -246,7 +271,12 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                         request_timeout_s=args.request_timeout,
                         max_concurrent_requests=args.http_max_concurrent, api_key=api_key,
                         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser),
-        router=RouterConfig(policy=args.router_policy, pd_short_prompt=args.pd_short_prompt),
+        router=RouterConfig(policy=args.router_policy, pd_short_prompt=args.pd_short_prompt,
+                            slo=SloConfig(args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000, args.slo_reject),
+                            adaptive=AdaptivePDConfig(args.adaptive_pd, window_s=args.adaptive_pd_window,
+                                                      hold_s=args.adaptive_pd_hold,
+                                                      cooldown_s=args.adaptive_pd_cooldown,
+                                                      drain_timeout_s=args.role_drain_timeout)),
         speculative=SpeculativeConfig(method=args.speculative, num_tokens=args.num_speculative_tokens,
                                       max_batch=args.speculative_max_batch,
                                       draft_model=resolve_model_path(args.draft_model) if args.draft_model else ""),

@@ -63,6 +63,11 @@ class Metrics:
                                labels, registry=r)
         self.instances_lost = Gauge("xllm:instances_lost", "Instances the router lost since it "
                                     "started", labels, registry=r)
+        # adaptive PD (the router's role changes)
+        self.role_changes = Gauge("xllm:role_changes", "Instances the router turned from prefill to decode "
+                                  "or back since it started", labels, registry=r)
+        self.instance_role = Gauge("xllm:instance_role", "1 for each instance's role now (mixed, prefill, "
+                                   "decode), 0 for the others", [*labels, "instance", "role"], registry=r)
         # prefill/decode disaggregation, as the decode instances count it (failures: both sides)
         self.kv = {key: Gauge(f"xllm:{key}", text, labels, registry=r) for key, text in (
             ("kv_transfers", "PD KV transfers completed"),
@@ -115,6 +120,10 @@ class Metrics:
         router = stats.get("router", {})
         self.instances.labels(m).set(router.get("num_instances", 0))
         self.instances_lost.labels(m).set(router.get("instances_lost", 0))
+        self.role_changes.labels(m).set(router.get("role_changes", 0))
+        for instance, role in router.get("roles", {}).items():
+            for each in ("mixed", "prefill", "decode"):
+                self.instance_role.labels(m, instance, each).set(1 if each == role else 0)
         per = stats.get("instances", {}).values()
         decode = [i for i in per if i.get("role") == "decode"]
         for key, gauge in self.kv.items():

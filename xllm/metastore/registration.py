@@ -47,6 +47,17 @@ class Registration:
                 await asyncio.sleep(RETRY_S)
             self.registered.clear()
 
+    async def update(self, value: bytes) -> None:
+        """Replace the record (under the same lease). If the store does not answer now, the
+        next registration puts the new value."""
+        self.value = value
+        if self.lease is None or not self.registered.is_set():
+            return
+        try:
+            await self.store.put(self.key, value, self.lease)
+        except (StoreUnavailable, KeyError) as exc:
+            log.warning("could not update %s now (%s); the next registration will", self.key.decode(), exc)
+
     async def _keep_alive(self) -> bool:
         await asyncio.sleep(self.ttl_s / 3)
         return await self.store.keep_alive(self.lease)

@@ -14,6 +14,12 @@ The registry follows the metadata store: instances come with their registration 
 leave with it (a lease that expired, a clean stop), or when their load reports stop
 for ``SILENCE_S``. A lost instance gets no new request; the frontends of the requests
 it held hear of them (``InstanceLost``) and re-send or end each one.
+
+An instance's role can change while it runs (``role_changes``): it leaves its pool at once
+(no new work), drains, switches, and comes back in the pool of its new role. With
+``--adaptive-pd`` the first router of a host runs the controller (``adaptive``) that
+decides those changes: it hears of every request placed and looks at the split once a
+second.
 """
 
 from __future__ import annotations
@@ -34,15 +40,18 @@ from ..bus.codec import DecodeError
 from ..deploy.plan import ROLES, ActorSpec, DeploymentPlan
 from ..metastore import keys, open_store
 from ..metastore.registration import PrefixFollower, Registration
+from ..perf_model import ServiceModel
 from ..protocol import (
     AbortRequest, ControlCall, ControlReply, DisaggregatedRequest, ErrorReply, InstanceLoad, InstanceLost,
-    InstanceRecord, InstanceReport, KVEventBatch, PrefillLost, RequestRejected, RouterInput, RouterRecord,
-    TokenizedRequest,
+    InstanceRecord, InstanceReport, KVEventBatch, PrefillLost, RequestRejected, RoleChanged, RouterInput,
+    RouterRecord, TokenizedRequest,
 )
 from .merge import FANNED_OUT, merge
 from .policies import make_policy
+from .slo import SloAware, SloRefused
 from .prefix_index import PrefixIndex
 from .registry import InstanceState, Registries, placement
+from .role_changes import RoleChanges
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +80,7 @@ class RouterActor(Actor):
         self.registry = Registries()
         self.index = PrefixIndex()
         # one policy per role, so round robin takes turns within each
-        self.policies = {role: make_policy(self.cfg.router.policy, self.index) for role in ROLES}
+        self.policies = {role: make_policy(self.cfg.router.policy, self.index, self.cfg.router.slo) for role in ROLES}
         self.placed: dict[str, tuple[str, bytes]] = {}  # request -> (instance, frontend)
         self.prefill_of: dict[str, str] = {}  # disaggregated request -> its prefill instance
         self.channels_to: dict[str, Channel] = {}  # instance -> its scheduler's input
@@ -79,7 +88,9 @@ class RouterActor(Actor):
         self.asked: dict[int, tuple[int, str]] = {}  # call id sent to an instance -> (gather, instance)
         self._ids = itertools.count(1)
         self.records: dict[str, InstanceRecord] = {}  # what the store says, lost or not
-        self.stats = {"routed": 0, "routed_disaggregated": 0, "rejected": 0, "instances_lost": 0,
+        control = self.cfg.router.adaptive.enabled and plan.of_kind("router")[0].name == spec.name
+        self.roles = RoleChanges(self.registry, self.cfg.router, self._to_instance, time.monotonic(), control)
+        self.stats = {"routed": 0, "routed_disaggregated": 0, "rejected": 0, "rejected_slo": 0, "instances_lost": 0,
                       "requests_lost": 0}
 
     async def setup(self) -> dict:
@@ -114,10 +125,15 @@ class RouterActor(Actor):
         self._admit(rec)
 
     def _admit(self, rec: InstanceRecord) -> None:
-        if self.registry.get(rec.instance_id) is None:
-            log.info("instance %s joined (%s)", rec.instance_id, rec.address)
-        self.registry.add(InstanceState(rec.instance_id, rec.address, rec.incarnation, rec.role,
-                                        rec.num_blocks, rec.block_size, rec.max_num_seqs))
+        inst = self.registry.get(rec.instance_id)
+        if inst is None or inst.address != rec.address or inst.incarnation not in ("", rec.incarnation):
+            log.info("instance %s joined (%s, %s)", rec.instance_id, rec.address, rec.role)
+            inst = InstanceState(rec.instance_id, rec.address, rec.incarnation, rec.role, rec.next_role,
+                                 rec.num_blocks, rec.block_size, rec.max_num_seqs)
+        # NOTE: a record that changed (role, profile) keeps the instance's load view
+        inst.role, inst.next_role = rec.role, rec.next_role
+        inst.model = ServiceModel(rec.profile) if rec.profile is not None else None
+        self.registry.add(inst)
 
     async def _instance_delete(self, key: bytes) -> None:
         iid = key.rsplit(b"/", 1)[-1].decode()
@@ -130,6 +146,7 @@ class RouterActor(Actor):
         if inst is None:
             return
         self.index.clear(instance_id)
+        self.roles.lost(instance_id, time.monotonic())
         held: dict[bytes, list[str]] = {}
         for rid, (iid, frontend) in list(self.placed.items()):
             if iid == instance_id:
@@ -185,6 +202,7 @@ class RouterActor(Actor):
             await self._expire_gathers()
             for inst in self.registry.silent(SILENCE_S):
                 await self._lost(inst.id, f"no load report for {SILENCE_S:g} s")
+            await self.roles.tick(time.monotonic())
             await poller.poll(100 if self.gathers else 500)
 
     # -- from frontends -----------------------------------------------------------------------
@@ -205,17 +223,24 @@ class RouterActor(Actor):
 
     async def _place(self, frontend: bytes, req: TokenizedRequest) -> None:
         role = placement(self.registry, len(req.prompt_token_ids), self.cfg.router.pd_short_prompt)
-        if role == "pair":
-            await self._place_pair(frontend, req)
+        try:
+            if role == "pair":
+                await self._place_pair(frontend, req)
+                return
+            inst = self.policies[role].choose(req, self.registry.pool(role))
+        except SloRefused as exc:
+            self.stats["rejected_slo"] += 1
+            await self.frontends.send_to(frontend, RequestRejected(req.req_id, str(exc), "overloaded"))
             return
-        inst = self.policies[role].choose(req, self.registry.pool(role))
         if inst is None:
             self.stats["rejected"] += 1
             await self.frontends.send_to(frontend, RequestRejected(
                 req.req_id, "no instance is serving this deployment", "unavailable"))
             return
         hashes = req.block_hashes
-        self.registry.routed(inst, len(hashes) - self.index.deepest(inst.id, hashes))
+        hit = self.index.deepest(inst.id, hashes)
+        self.registry.routed(inst, len(hashes) - hit)
+        self.roles.observe(req, hit * inst.block_size, time.monotonic())
         self.placed[req.req_id] = (inst.id, frontend)
         self.stats["routed"] += 1
         await self._to_instance(inst.id, req)
@@ -223,11 +248,17 @@ class RouterActor(Actor):
     async def _place_pair(self, frontend: bytes, req: TokenizedRequest) -> None:
         """A prefill instance (by the policy: the prefix-aware one scores cache hits there)
         and a decode instance (by the policy over the decode pool) for ``req``."""
-        pre = self.policies["prefill"].choose(req, self.registry.pool("prefill"))
-        dec = self.policies["decode"].choose(req, self.registry.pool("decode"))
+        policy = self.policies["decode"]
+        if isinstance(policy, SloAware):  # the pair is judged as one: TTFT on one side, TPOT on the other
+            pre, dec = policy.choose_pair(req, self.registry.pool("prefill"), self.registry.pool("decode"))
+        else:
+            pre = self.policies["prefill"].choose(req, self.registry.pool("prefill"))
+            dec = policy.choose(req, self.registry.pool("decode"))
         hashes = req.block_hashes
-        self.registry.routed(pre, len(hashes) - self.index.deepest(pre.id, hashes))
+        hit = self.index.deepest(pre.id, hashes)
+        self.registry.routed(pre, len(hashes) - hit)
         self.registry.routed(dec, 0)
+        self.roles.observe(req, hit * pre.block_size, time.monotonic())
         self.placed[req.req_id] = (dec.id, frontend)
         self.prefill_of[req.req_id] = pre.id
         self.stats["routed"] += 1
@@ -268,7 +299,7 @@ class RouterActor(Actor):
         reply = merge(gather.call_id, gather.method, gather.replies)
         if gather.method == "stats" and reply.ok:
             reply.result["router"] = {**self.stats, "num_instances": len(self.registry),
-                                      "prefix_index_blocks": len(self.index)}
+                                      "prefix_index_blocks": len(self.index), **self.roles.snapshot()}
         await self.frontends.send_to(gather.frontend, reply)
 
     async def _expire_gathers(self) -> None:
@@ -303,6 +334,8 @@ class RouterActor(Actor):
                     self.index.clear(msg.instance_id)
                 self.index.stored(msg.instance_id, [b.block_hash for b in msg.stored])
                 self.index.removed(msg.instance_id, msg.removed)
+            case RoleChanged():
+                self.roles.changed(msg, time.monotonic())
             case ControlReply():
                 gid, iid = self.asked.pop(msg.call_id, (None, None))
                 if gid is not None and gid in self.gathers:

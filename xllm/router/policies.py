@@ -22,6 +22,9 @@ none. Their formulas, as the README states them:
   hit can beat the best cost so far (even on the least loaded instance); among many
   holders of one block (a shared system prompt) it takes the least loaded one straight
   from the load order. So it costs about the prompt's length, not the number of instances.
+- ``slo_aware``: the instance with the most slack against both latency targets,
+  ``min(1 − TTFT_i / T, 1 − TPOT_i / U)``, predicted from its measured service times (the
+  formulas are in ``xllm.router.slo``).
 """
 
 from __future__ import annotations
@@ -99,12 +102,17 @@ class PrefixCacheAware:
         return best
 
 
-def make_policy(name: str, index: PrefixIndex):
-    """The policy called ``name`` (one of ``POLICIES``)."""
+def make_policy(name: str, index: PrefixIndex, slo=None):
+    """The policy called ``name`` (one of ``POLICIES``); ``slo_aware`` takes the targets
+    (a ``config.SloConfig``)."""
     if name == "round_robin":
         return RoundRobin()
     if name == "kv_cache_aware":
         return KVCacheAware()
     if name == "prefix_cache_aware":
         return PrefixCacheAware(index)
+    if name == "slo_aware":
+        from .slo import SloAware
+
+        return SloAware(index, slo)
     raise ValueError(f"router policy must be one of {', '.join(POLICIES)}; got {name!r}")

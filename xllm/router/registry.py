@@ -11,8 +11,9 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Collection
+from typing import Callable, Collection, Iterator
 
+from ..perf_model import NOMINAL, ServiceModel
 from ..protocol import InstanceLoad
 
 
@@ -24,10 +25,12 @@ class InstanceState:
     address: str  # its scheduler's input
     incarnation: str = ""  # "" until it is known (from the store or a first report)
     role: str = "mixed"
+    next_role: str = ""  # the role it drains towards: no new work meanwhile ("": none)
     num_blocks: int = 1
     block_size: int = 16
     max_num_seqs: int = 64
     load: InstanceLoad | None = None
+    model: ServiceModel | None = None  # its measured service times (None until its record has them)
     pending: int = 0  # requests sent to it since its last load report
     pending_blocks: int = 0  # the prefill they bring (their prompts' blocks it does not hold)
     last_report: float = field(default_factory=time.monotonic)
@@ -44,6 +47,36 @@ class InstanceState:
     def free_blocks(self) -> int:
         """Free KV blocks as last reported (all of them before any report)."""
         return self.load.num_free_blocks if self.load else self.num_blocks
+
+    @property
+    def service(self) -> ServiceModel:
+        """Its service-time model (a nominal one until its profile is known)."""
+        return self.model if self.model is not None else _NOMINAL
+
+    @property
+    def prefill_backlog_s(self) -> float:
+        """Predicted seconds of prefill queued in it: its waiting requests' prompts and the
+        prefill of those sent since its last report."""
+        waiting, blocks = (self.load.num_waiting, self.load.num_waiting_blocks) if self.load else (0, 0)
+        return self.service.backlog_s(waiting + self.pending, (blocks + self.pending_blocks) * self.block_size)
+
+    @property
+    def decode_batch(self) -> int:
+        """Requests it decodes (or will) by now: running as reported, plus those sent since."""
+        return (self.load.num_running if self.load else 0) + self.pending
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens of KV its requests hold, as last reported (its used blocks, full)."""
+        return (self.num_blocks - self.free_blocks) * self.block_size
+
+    @property
+    def decode_step_s(self) -> float:
+        """Predicted seconds of its decode step now."""
+        return self.service.decode_step_s(self.decode_batch, self.context_tokens)
+
+
+_NOMINAL = ServiceModel(NOMINAL)
 
 
 class _Ordered:
@@ -85,6 +118,8 @@ class Registry:
         self.instances: dict[str, InstanceState] = {}
         self._by_load = _Ordered(lambda i: i.work)
         self._by_free = _Ordered(lambda i: -(i.free_blocks - i.pending_blocks) / max(i.num_blocks, 1))
+        self._by_backlog = _Ordered(lambda i: i.prefill_backlog_s)
+        self._by_step = _Ordered(lambda i: i.decode_step_s)
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -98,8 +133,8 @@ class Registry:
         self._rerank(inst)
 
     def remove(self, instance_id: str) -> InstanceState | None:
-        self._by_load.remove(instance_id)
-        self._by_free.remove(instance_id)
+        for order in (self._by_load, self._by_free, self._by_backlog, self._by_step):
+            order.remove(instance_id)
         return self.instances.pop(instance_id, None)
 
     def report(self, load: InstanceLoad) -> InstanceState | None:
@@ -131,23 +166,37 @@ class Registry:
         iid = self._by_free.first()
         return self.instances[iid] if iid is not None else None
 
+    def by_backlog(self) -> Iterator[tuple[float, InstanceState]]:
+        """(prefill backlog seconds, instance), least first."""
+        for key, iid in self._by_backlog.entries:
+            yield key, self.instances[iid]
+
+    def by_decode_step(self) -> Iterator[tuple[float, InstanceState]]:
+        """(decode step seconds now, instance), quickest first."""
+        for key, iid in self._by_step.entries:
+            yield key, self.instances[iid]
+
     def silent(self, limit_s: float) -> list[InstanceState]:
         """Instances whose last report is older than ``limit_s`` seconds."""
         now = time.monotonic()
         return [i for i in self.instances.values() if now - i.last_report > limit_s]
 
     def _rerank(self, inst: InstanceState) -> None:
-        self._by_load.update(inst)
-        self._by_free.update(inst)
+        for order in (self._by_load, self._by_free, self._by_backlog, self._by_step):
+            order.update(inst)
+
+
+DRAINING = "draining"  # the pool of instances changing role: no policy chooses from it
 
 
 class Registries:
     """The instances by role (``mixed``, ``prefill``, ``decode``), one ``Registry`` each,
-    behind the same verbs; ``pool(role)`` is what a policy chooses from."""
+    behind the same verbs; ``pool(role)`` is what a policy chooses from. An instance that
+    is changing role (``next_role``) sits in the ``draining`` pool until it has switched."""
 
     def __init__(self) -> None:
         self.pools: dict[str, Registry] = {}
-        self.role_of: dict[str, str] = {}
+        self.role_of: dict[str, str] = {}  # instance -> the pool it is in
 
     def pool(self, role: str) -> Registry:
         pool = self.pools.get(role)
@@ -167,11 +216,22 @@ class Registries:
         return self.pools[role].get(instance_id) if role is not None else None
 
     def add(self, inst: InstanceState) -> None:
+        """Register an instance, or move it to the pool its role (or change) says."""
+        where = DRAINING if inst.next_role else inst.role
         old = self.role_of.get(inst.id)
-        if old is not None and old != inst.role:  # it came back in another role
+        if old is not None and old != where:  # it came back in another role, or is changing it
             self.pools[old].remove(inst.id)
-        self.role_of[inst.id] = inst.role
-        self.pool(inst.role).add(inst)
+        self.role_of[inst.id] = where
+        self.pool(where).add(inst)
+
+    def set_role(self, instance_id: str, role: str, next_role: str = "") -> InstanceState | None:
+        """``instance_id`` now has ``role`` and drains towards ``next_role`` ("": settled);
+        its load view is kept. None if it is not registered."""
+        inst = self.get(instance_id)
+        if inst is not None and (inst.role, inst.next_role) != (role, next_role):
+            inst.role, inst.next_role = role, next_role
+            self.add(inst)
+        return inst
 
     def remove(self, instance_id: str) -> InstanceState | None:
         role = self.role_of.pop(instance_id, None)
@@ -182,7 +242,7 @@ class Registries:
         return self.pools[role].report(load) if role is not None else None
 
     def routed(self, inst: InstanceState, blocks: int = 0) -> None:
-        self.pools[inst.role].routed(inst, blocks)
+        self.pools[self.role_of[inst.id]].routed(inst, blocks)
 
     def silent(self, limit_s: float) -> list[InstanceState]:
         return [i for pool in self.pools.values() for i in pool.silent(limit_s)]

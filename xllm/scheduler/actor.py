@@ -7,7 +7,11 @@ CPU work of planning hides behind the model's compute. Without it, one step at a
 Requests come from the router; each step's outputs go straight to the frontend each
 request names (``TokenizedRequest.reply_to``), one ``TokenBatch`` per frontend. A prefill
 or decode instance also talks to its KV agent and to the schedulers of the instances it
-pairs with (``disagg``: what the core decides, this actor sends). The
+pairs with (``disagg``: what the core decides, this actor sends). A prefill or
+decode instance changes role when a router orders it (``roles``): it lets the old role's
+requests finish, switches, and says so in the store and to every router. Its record
+in the store also carries the service times its workers measured at start (the
+``profile`` control call to rank 0), which the routers predict with. The
 router hears the instance's load about twice a second and its prefix-cache changes
 as they happen (``InstanceLoad``, ``KVEventBatch``), and asks it control calls.
 """
@@ -30,17 +34,20 @@ from ..deploy.plan import ActorSpec, DeploymentPlan
 from ..metastore import keys, open_store
 from ..metastore.registration import PrefixFollower, Registration
 from ..protocol import (
-    AbortRequest, BlockStored, ControlCall, ControlReply, DisaggregatedRequest, InstanceLoad, InstanceRecord,
-    KVEventBatch, KVReceived, KVReleased, KVSendPlan, PrefillLost, PrefillRequest, RequestRejected, RouterRecord,
-    SchedulerInput, StepResult, TokenizedRequest, WorkerError, WorkerOutput,
+    AbortRequest, BlockStored, ControlCall, ControlReply, DisaggregatedRequest, InstanceLoad, InstanceProfile,
+    InstanceRecord,
+    KVEventBatch, KVReceived, KVReleased, KVSendPlan, PrefillLost, PrefillRequest, RequestRejected, RoleChange,
+    RoleChanged, RouterRecord, SchedulerInput, StepResult, TokenizedRequest, WorkerError, WorkerOutput,
 )
 from .health import PING_INTERVAL_S, WorkerWatch
+from .roles import RoleSwitch
 from .scheduler import Scheduler, StepOutputs
 from .stream import StreamBuffer
 
 log = logging.getLogger(__name__)
 
 LOAD_REPORT_S = 0.5  # load reports to the router
+PROFILE_CALL = -1  # the call id of the profile asked of rank 0 (pings use 0)
 KV_EVENTS_S = 0.01  # prefix-cache changes are batched over at most this long
 
 
@@ -63,6 +70,9 @@ class SchedulerActor(Actor):
         self._next_report = 0.0
         self._next_events = 0.0
         self._reported_idle = False  # the last load report said: nothing running or waiting
+        self.roles = RoleSwitch(self.instance.role)  # what the routers send it; changed at run time
+        self.profile: InstanceProfile | None = None  # measured by the workers, published in the record
+        self._profile_asked = False
 
     async def setup(self) -> dict:
         plan, inst = self.plan, self.instance.id
@@ -83,16 +93,21 @@ class SchedulerActor(Actor):
 
     def _register(self) -> None:
         """Put this instance in the store (under a lease) and follow the routers there."""
-        plan, cfg = self.plan, self.cfg
+        plan = self.plan
         self.store = open_store(plan.metastore, client_address=plan.store)
-        record = InstanceRecord(self.instance.id, self.incarnation, plan.scheduler_in(self.instance.id),
-                                self.instance.role, cfg.model.served_name, cfg.cache.num_blocks,
-                                cfg.cache.block_size, cfg.scheduler.max_num_seqs)
         self.registration = Registration(self.store, keys.instance_key(plan.deployment, self.instance.id),
-                                         msgspec.json.encode(record))
+                                         self._record())
         self.background(self.registration.run())
         self.background(PrefixFollower(self.store, keys.routers_prefix(plan.deployment),
                                        self._router_put, self._router_delete).run())
+
+    def _record(self) -> bytes:
+        """This instance's registration as it stands (its role may change while it runs)."""
+        plan, cfg = self.plan, self.cfg
+        return msgspec.json.encode(InstanceRecord(
+            self.instance.id, self.incarnation, plan.scheduler_in(self.instance.id), self.roles.role,
+            cfg.model.served_name, cfg.cache.num_blocks, cfg.cache.block_size, cfg.scheduler.max_num_seqs,
+            next_role=self.roles.next_role, profile=self.profile))
 
     async def _router_put(self, key: bytes, value: bytes) -> None:
         self.routers[key] = msgspec.json.decode(value, type=RouterRecord).reports
@@ -115,6 +130,8 @@ class SchedulerActor(Actor):
                 self.core.expire_transfers(time.monotonic())
             await self._flush_kv()
             await self._report()
+            if self.roles.pending is not None and self.roles.due(self.core.requests.values()):
+                await self._switch_role()
             if self.in_flight < self.depth and self.core.has_work():
                 plan = self.core.schedule()
                 await self._flush_kv(plan.step_id if plan is not None else None)
@@ -127,6 +144,9 @@ class SchedulerActor(Actor):
             if self.watch.ping_due():
                 for ch in self.plans:
                     await ch.send(ControlCall(0, "ping"))
+                if not self._profile_asked:  # answered once rank 0 is ready (it measures first)
+                    await self.plans[0].send(ControlCall(PROFILE_CALL, "profile"))
+                    self._profile_asked = True
             if self.stream and (not self.in_flight or self.stream.due(time.monotonic())):
                 await self._send_outputs(self.stream.step_id, self.stream.take())  # nothing more is coming soon
             wait = LOAD_REPORT_S if self.in_flight else min(LOAD_REPORT_S, PING_INTERVAL_S)
@@ -204,6 +224,9 @@ class SchedulerActor(Actor):
                 raise RuntimeError(f"a worker failed in step {msg.step_id}: {msg.message}")
             case ControlReply(result={"rank": int(rank)}):
                 self.watch.heard_from(rank)
+            case ControlReply(call_id=-1, ok=True, result={"profile": dict(profile)}):  # PROFILE_CALL
+                self.profile = msgspec.convert(profile, InstanceProfile)
+                await self.registration.update(self._record())
             case ControlReply():
                 pass
 
@@ -236,9 +259,35 @@ class SchedulerActor(Actor):
                     out = StepOutputs()
                     out.add(req, [], "abort")
                     await self._emit(-1, out)
+            case RoleChange():
+                await self._on_role_change(msg)
             case ControlCall():
                 if msg.reply_to:
                     await self._route(msg.reply_to).send(self._control(msg))
+
+    # -- role changes ---------------------------------------------------------------------------
+    async def _on_role_change(self, order: RoleChange) -> None:
+        """Start draining towards the ordered role (announced in the store at once, so every
+        router stops sending work of the old one), or refuse the order."""
+        error = self.roles.begin(order)
+        if error:
+            log.warning("refused a role change to %r: %s", order.role, error)
+            await self._to_routers(RoleChanged(self.instance.id, self.incarnation, order.change_id,
+                                               self.roles.role, ok=False, error=error))
+            return
+        if self.roles.next_role != self.roles.role:
+            log.info("role change %d: %s -> %s, draining (%d requests of the old role)", order.change_id,
+                     self.roles.role, order.role, self.roles.old_work(self.core.requests.values()))
+            await self.registration.update(self._record())
+
+    async def _switch_role(self) -> None:
+        self.roles.release(self.core)
+        old = self.roles.role
+        done = self.roles.finish(self.instance.id, self.incarnation, self.core.requests.values())
+        log.info("role change %d: %s -> %s after %.2f s of draining (%d requests of the old role left)",
+                 done.change_id, old, done.role, done.drain_s, done.left_over)
+        await self.registration.update(self._record())
+        await self._to_routers(done)
 
     async def _on_disaggregated(self, msg: DisaggregatedRequest) -> None:
         req = msg.request
@@ -246,7 +295,7 @@ class SchedulerActor(Actor):
         if ch is None:
             log.error("dropped request %s: no route for its outputs", req.req_id)
             return
-        if self.to_agent is None or self.instance.role != "decode":
+        if self.to_agent is None:  # NOTE: any role with a KV agent serves both kinds (roles.py)
             await ch.send(RequestRejected(req.req_id, f"instance {self.instance.id} does not decode for others"))
             return
         try:
@@ -261,7 +310,7 @@ class SchedulerActor(Actor):
         back = self._route(msg.decode_address)
         if back is None:
             return
-        if self.instance.role != "prefill":
+        if self.to_agent is None:
             why = f"instance {self.instance.id} does not prefill for others"
         else:
             try:
@@ -299,7 +348,9 @@ class SchedulerActor(Actor):
         match call.method:
             case "stats":
                 return ControlReply(call.call_id, True, {**core.snapshot(), "instance_id": self.instance.id,
-                                                     "role": self.instance.role})
+                                                         "role": self.roles.role, "next_role": self.roles.next_role,
+                                                         "role_changes": self.roles.num_changes,
+                                                         "profile": msgspec.to_builtins(self.profile)})
             case "health":
                 problem = self.watch.problem()
                 if problem is not None:

@@ -4,12 +4,18 @@ Rank 0 answers every plan with a ``StepResult``; other ranks run the same plan f
 their collectives and stay silent. A failure inside a step is reported (``WorkerError``
 to the scheduler, ``ActorFailed`` to the launcher) and ends the process: a worker whose
 KV state may be half-updated must not keep serving.
+
+Before it reports ready, every rank measures the instance's service times on the model
+(``profiler``: the same plans on every rank, so collectives meet) unless a cached profile
+for the same checkpoint, dtype, threads and limits exists; rank 0 gives it to the
+scheduler on the ``profile`` control call.
 """
 
 from __future__ import annotations
 
 import logging
 
+import msgspec
 import zmq
 
 from ..bus.actor import Actor
@@ -20,6 +26,7 @@ from ..layers.parallel import SINGLE, ProcessGroupComm, TPGroup
 from ..protocol import ControlCall, ControlReply, StepPlan, WorkerError, WorkerInput
 from .graph_runner import default_buckets
 from .model_runner import ModelRunner
+from .profiler import Profiler, cache_key, load_or_measure
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,7 @@ class WorkerActor(Actor):
         self.cfg = plan.engine
         self.rank = spec.rank
         self.runner: ModelRunner | None = None
+        self.profile = None  # InstanceProfile, once measured (or read from the cache)
 
     async def setup(self) -> dict:
         import torch
@@ -60,6 +68,13 @@ class WorkerActor(Actor):
                                   shared_kv=shared, speculative=self.cfg.speculative)
         if self.runner.graphs is not None:
             self.runner.graphs.warm_up(progress=self.rank == 0)
+        if self.cfg.model.profile:
+            cfg = self.cfg
+            key = cache_key(cfg.model, cfg.scheduler, cfg.cache, threads, self.instance.tp_size, not eager)
+            profiler = Profiler(self.runner, cfg.scheduler, cfg.cache, cfg.model.max_model_len,
+                                decide=lambda flag: _rank0s(tp, flag))
+            self.profile = load_or_measure(profiler, key, write=self.rank == 0,
+                                           agree=lambda cached: _everyone(tp, cached))
         return {"rank": self.rank, "threads": threads}
 
     def _init_tp(self) -> TPGroup:
@@ -115,7 +130,23 @@ class WorkerActor(Actor):
             if call.method == "stats":
                 reply = ControlReply(call.call_id, True,
                                      {"rank": self.rank, "num_requests": len(self.runner.requests)})
+            elif call.method == "profile":
+                profile = msgspec.to_builtins(self.profile) if self.profile is not None else None
+                reply = ControlReply(call.call_id, True, {"profile": profile})
             else:
                 reply = ControlReply(call.call_id, False, error=f"unknown method {call.method!r}")
             await self.results.send(reply)
 
+
+def _rank0s(tp: TPGroup, flag: bool) -> bool:
+    """Rank 0's ``flag``, on every rank."""
+    import torch
+
+    return bool(tp.broadcast(torch.tensor([1.0 if flag else 0.0]))[0])
+
+
+def _everyone(tp: TPGroup, flag: bool) -> bool:
+    """True if ``flag`` holds on every rank of the instance."""
+    import torch
+
+    return int(tp.all_reduce(torch.tensor([1.0 if flag else 0.0]))[0]) == tp.size
