@@ -42,12 +42,31 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
     num_blocks: int = 1024  # blocks in the pool (resolved by the launcher)
     enable_prefix_caching: bool = True
+    # KV tiers below the device pool (README "KV cache tiers"); both off unless asked for
+    host_blocks: int = 0  # blocks the KV agent keeps in its own memory (--kv-host-memory); 0: no host tier
+    disk_dir: str = ""  # where the KV agent keeps blocks across restarts (--kv-disk-dir); "": no disk tier
+    disk_blocks: int = 0  # blocks the disk tier holds at most (--kv-disk-size)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks < 2:
             raise ValueError(f"num_blocks must be at least 2, got {self.num_blocks}")
+        if self.host_blocks < 0 or self.disk_blocks < 0:
+            raise ValueError("host_blocks and disk_blocks must be >= 0")
+        if self.tiers and not self.enable_prefix_caching:
+            raise ValueError("KV tiers keep prefix-cache blocks: they need prefix caching on")
+        if bool(self.disk_dir) != (self.disk_blocks > 0):
+            raise ValueError("the disk tier needs both a directory (--kv-disk-dir) and a size (--kv-disk-size)")
+        if self.disk_dir and not self.host_blocks:
+            # NOTE: blocks come back from disk through host memory, where they are verified
+            # before anything may read them (a disk hit is never served unchecked)
+            raise ValueError("the disk tier needs a host tier (--kv-host-memory): blocks come back through it")
+
+    @property
+    def tiers(self) -> bool:
+        """Whether blocks evicted from the device pool go down to host memory (and disk)."""
+        return self.host_blocks > 0
 
 
 @dataclass(frozen=True)

@@ -30,3 +30,16 @@ def test_remote_addresses_need_the_flag(address):
     with pytest.raises(ValueError, match="--allow-remote-clients"):
         check_exposure(address, allowed=False)
     check_exposure(address, allowed=True)
+
+
+def test_kv_tier_flags_become_capacities_in_blocks(tmp_path):
+    from xllm.deploy.launcher import tier_blocks
+
+    args = build_parser().parse_args(["--model", "m", "--kv-host-memory", "1", "--kv-disk-dir", str(tmp_path),
+                                      "--kv-disk-size", "2"])
+    assert tier_blocks(args, 2**20) == (1024, 2048)
+    off = build_parser().parse_args(["--model", "m"])
+    assert tier_blocks(off, 2**20) == (0, 0)  # tiers are off unless asked for
+    tiny = build_parser().parse_args(["--model", "m", "--kv-host-memory", "0.0000001"])
+    with pytest.raises(ValueError, match="holds no KV block"):
+        tier_blocks(tiny, 2**20)

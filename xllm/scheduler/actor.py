@@ -74,7 +74,7 @@ class SchedulerActor(Actor):
         self.poller.register(self.inputs.sock, zmq.POLLIN)
         self.poller.register(self.results.sock, zmq.POLLIN)
         self.to_agent = None
-        if self.instance.role != "mixed":
+        if plan.has_kv_agent(inst):
             self.to_agent = self.channel(zmq.PUSH, plan.kv_agent_in(inst), bind=False)
             self.core.agent_address = plan.kv_agent_in(inst)
             self.core.instance_id, self.core.address = inst, plan.scheduler_in(inst)
