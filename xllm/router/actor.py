@@ -301,8 +301,8 @@ class RouterActor(Actor):
                     return  # from an incarnation the router no longer counts
                 if msg.cleared:
                     self.index.clear(msg.instance_id)
-                self.index.stored(msg.instance_id, [b.block_hash for b in msg.stored])
-                self.index.removed(msg.instance_id, msg.removed)
+                self.index.stored(msg.instance_id, [b.block_hash for b in msg.stored if b.tier == 0])
+                self.index.removed(msg.instance_id, [b.block_hash for b in msg.removed if b.tier == 0])
             case ControlReply():
                 gid, iid = self.asked.pop(msg.call_id, (None, None))
                 if gid is not None and gid in self.gathers:

@@ -30,9 +30,9 @@ from ..deploy.plan import ActorSpec, DeploymentPlan
 from ..metastore import keys, open_store
 from ..metastore.registration import PrefixFollower, Registration
 from ..protocol import (
-    AbortRequest, BlockStored, ControlCall, ControlReply, DisaggregatedRequest, InstanceLoad, InstanceRecord,
-    KVEventBatch, KVReceived, KVReleased, KVSendPlan, PrefillLost, PrefillRequest, RequestRejected, RouterRecord,
-    SchedulerInput, StepResult, TokenizedRequest, WorkerError, WorkerOutput,
+    AbortRequest, BlockRemoved, BlockStored, ControlCall, ControlReply, DisaggregatedRequest, InstanceLoad,
+    InstanceRecord, KVEventBatch, KVReceived, KVReleased, KVSendPlan, PrefillLost, PrefillRequest, RequestRejected,
+    RouterRecord, SchedulerInput, StepResult, TokenizedRequest, WorkerError, WorkerOutput,
 )
 from .health import PING_INTERVAL_S, WorkerWatch
 from .scheduler import Scheduler, StepOutputs
@@ -169,7 +169,7 @@ class SchedulerActor(Actor):
             ev = self.core.blocks.drain_events()
             await self._to_routers(KVEventBatch(
                 self.instance.id, self.incarnation, [BlockStored(h, p, t) for h, p, t in ev.stored],
-                ev.removed, ev.cleared))
+                [BlockRemoved(h) for h in ev.removed], ev.cleared))
         idle = not (self.core.running or self.core.waiting or self.core.receiving)
         if not idle:
             self._reported_idle = False
