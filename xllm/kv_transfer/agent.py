@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 ATTACH_TIMEOUT_S = 600.0  # the workers create the pools while they load (a bound, not a wait)
 POLL_MS = 1  # how often layer progress is looked at while a send is pending
+LOAD_POLL_S = 100e-6  # how often the workers' progress is looked at while a tier load waits for its step
 
 
 @dataclass
@@ -160,6 +161,10 @@ class KVAgentActor(Actor):
             if self.tiers is not None:
                 for done in self.tiers.advance():
                     await self.to_scheduler.send(done)
+            if self.tiers is not None and self.tiers.loads_waiting:
+                time.sleep(LOAD_POLL_S)  # NOTE: finer than the event loop's millisecond timers
+                await asyncio.sleep(0)
+                continue
             busy = self.steps or (self.tiers is not None and self.tiers.busy)
             await poller.poll(POLL_MS if busy else None)
 

@@ -62,6 +62,12 @@ class TierMover:
     def busy(self) -> bool:
         return bool(self.jobs)
 
+    @property
+    def loads_waiting(self) -> bool:
+        """True while the next thing to do is a load waiting for its step to start (the
+        workers will wait for it soon: look again quickly)."""
+        return bool(self.jobs) and self.jobs[0].next_op < self.jobs[0].num_loads
+
     def accept(self, order: KVTierOrder) -> str:
         """Queue ``order``; returns "" or why it is refused (nothing of it is then done)."""
         problem = self._check(order)

@@ -25,7 +25,7 @@ from ..models.spec import DecoderSpec
 from ..protocol import SamplingParams, StepPlan, StepResult
 from .grammar import GrammarRows
 from .graph_runner import DecodeGraphs
-from .kv_cache import allocate_kv_cache
+from .kv_cache import LoadWait, allocate_kv_cache
 from .logits_processors import apply_processors
 from .sampler import Sampler, SamplingBatch, seed_for_token, token_logprobs
 
@@ -119,7 +119,9 @@ class ModelRunner:
         goes past its known tokens decodes on, one forward per token (multi-step decode)."""
         t0 = time.perf_counter()
         result = StepResult(plan.step_id, [], [], 0.0)
-        req_ids, logits = self.step_logits(plan)
+        load_wait = LoadWait(self.kv_pool, plan.step_id) if plan.loads_kv and self.kv_pool is not None else None
+        req_ids, logits = self.step_logits(plan, load_wait)
+        result.kv_load_wait_s = load_wait.waited if load_wait is not None else 0.0
         logprobs = _LogprobRows(max((self.requests[r].sampling.logprobs or 0 for r in req_ids
                                      if self.requests[r].sampling.logprobs is not None), default=-1))
         ends = dict(zip(plan.scheduled_req_ids, map(sum, zip(plan.num_computed, plan.num_scheduled))))
@@ -163,10 +165,11 @@ class ModelRunner:
         return tokens
 
     @torch.inference_mode()
-    def step_logits(self, plan: StepPlan) -> tuple[list[str], torch.Tensor]:
+    def step_logits(self, plan: StepPlan, load_wait: LoadWait | None = None) -> tuple[list[str], torch.Tensor]:
         """Apply the plan's state changes and run the forward pass over each request's
         range up to the tokens it knows: the requests that sample and their (S, vocab)
-        float32 logits. Requests this worker saw end are left out."""
+        float32 logits. Requests this worker saw end are left out. With ``load_wait``
+        (the plan loads KV back from the host tier) attention waits for each layer's."""
         self._apply_plan_state(plan)
         ids, n_sched, n_comp = [], [], []
         for rid, n, c in zip(plan.scheduled_req_ids, plan.num_scheduled, plan.num_computed):
@@ -184,21 +187,26 @@ class ModelRunner:
             return self._step_logits(ids, n_sched, n_comp)
         pool.start_step(plan.step_id)
         try:
-            return self._step_logits(ids, n_sched, n_comp)
+            out = self._step_logits(ids, n_sched, n_comp, load_wait=load_wait)
+            if load_wait is not None:
+                load_wait.finish()
+            return out
         finally:
             pool.layer_done(pool.num_layers)
 
     def _step_logits(self, ids: list[str], n_sched: list[int], n_comp: list[int],
-                     progress: bool = True) -> tuple[list[str], torch.Tensor]:
+                     progress: bool = True, load_wait: LoadWait | None = None) -> tuple[list[str], torch.Tensor]:
         if not ids:
             return [], torch.empty(0)
         if self.micro_batch_overlap and len(ids) > 1:
-            return self._micro_batch_logits(ids, n_sched, n_comp)  # progress only at the end
+            return self._micro_batch_logits(ids, n_sched, n_comp, load_wait)  # progress only at the end
         inp = self._prepare(ids, n_sched, n_comp)
         if self.kv_pool is not None and progress:
             layer_done = self.kv_pool.layer_done
             inp.meta.on_layer_stored = lambda index: layer_done(index + 1)
-        if self.graphs is not None and inp.meta.all_decode and self.graphs.bucket_for(len(ids)):
+        inp.meta.wait_for_layer = load_wait
+        if (self.graphs is not None and inp.meta.all_decode and load_wait is None
+                and self.graphs.bucket_for(len(ids))):
             m = inp.meta
             logits = self.graphs.run(inp.input_ids, inp.positions, m.slot_mapping,
                                      m.decode_block_tables, m.decode_seq_lens)
@@ -208,12 +216,14 @@ class ModelRunner:
         hidden = self.model(inp.input_ids, inp.positions, inp.meta)
         return inp.sample_req_ids, self.model.compute_logits(hidden[inp.sample_rows])
 
-    def _micro_batch_logits(self, ids, n_sched, n_comp) -> tuple[list[str], torch.Tensor]:
+    def _micro_batch_logits(self, ids, n_sched, n_comp, load_wait=None) -> tuple[list[str], torch.Tensor]:
         """Two micro-batches of about equal token counts, run overlapped."""
         half = int(np.searchsorted(np.cumsum(n_sched), sum(n_sched) / 2)) + 1
         half = min(max(half, 1), len(ids) - 1)
         parts = [self._prepare(ids[:half], n_sched[:half], n_comp[:half]),
                  self._prepare(ids[half:], n_sched[half:], n_comp[half:])]
+        for part in parts:
+            part.meta.wait_for_layer = load_wait
         hiddens = self.model.forward_micro_batches(
             [(p.input_ids, p.positions, p.meta) for p in parts], self.tp)
         logits = [self.model.compute_logits(h[p.sample_rows]) for h, p in zip(hiddens, parts)]
