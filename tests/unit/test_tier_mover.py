@@ -177,3 +177,21 @@ def test_an_order_for_a_step_far_ahead_is_refused_and_cannot_wedge_the_queue(poo
     assert mover.accept(KVTierOrder(2, 1, [store(h, parent, tokens, 1, 0)])) == ""
     run_step(pool, 1)
     assert [d.job_id for d in mover.advance()] == [2]
+
+
+def test_a_clean_stop_writes_the_host_tier_to_disk_most_recent_last_to_go(pool, tmp_path):
+    host = HostTier(3, [pool])
+    disk = DiskTier(tmp_path / "d", LAYOUT)
+    mover = TierMover([pool], host, disk, BS)
+    a, b = block([1, 2, 3, 4]), block([5, 6, 7, 8])
+    mover.accept(KVTierOrder(1, 1, [store(*a, 1, 0), store(*b, 2, 1)]))
+    run_step(pool, 1)
+    mover.advance()
+    mover.accept(KVTierOrder(2, 2, [KVTierOp("load", a[0], 0, 5)]))  # a is used again: the most recent
+    pool.start_step(2)
+    mover.advance()
+    assert mover.flush(5.0) == 2
+    restarted = DiskTier(tmp_path / "d", LAYOUT)
+    assert [h for h, _, _ in restarted.scan()] == [b[0], a[0]]  # b goes first when the disk is full
+    out = np.zeros((1, LAYERS, 2, BB), dtype=np.uint8)
+    assert restarted.read(a[0], out)[0] == "" and np.array_equal(out, host.data[0])

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 ATTACH_TIMEOUT_S = 600.0  # the workers create the pools while they load (a bound, not a wait)
 POLL_MS = 1  # how often layer progress is looked at while a send is pending
+FLUSH_S = 2.0  # a clean stop writes host blocks to the disk tier for at most this long
 LOAD_POLL_S = 100e-6  # how often the workers' progress is looked at while a tier load waits for its step
 
 
@@ -140,6 +141,12 @@ class KVAgentActor(Actor):
             disk = DiskTier(Path(cache.disk_dir) / self.instance.id, layout)
             self.inventory = disk.scan()
         self.tiers = TierMover(self.pools, HostTier(cache.host_blocks, self.pools), disk, cache.block_size)
+
+    async def teardown(self) -> None:
+        if self.tiers is not None:
+            n = self.tiers.flush(FLUSH_S)
+            if n:
+                log.info("the disk tier keeps %d blocks of the host tier", n)
 
     async def run(self) -> None:
         poller = zmq.asyncio.Poller()

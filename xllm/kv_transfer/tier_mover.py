@@ -25,6 +25,7 @@ what ``advance`` returns; unit tests drive it by hand.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class TierMover:
         self.disk = disk
         self.block_size = block_size
         self.jobs: deque[Job] = deque()
+        self.last_use = [0] * host.num_slots  # per host slot: when an op last stored, loaded or fetched it
+        self.clock = 0
 
     @property
     def busy(self) -> bool:
@@ -113,6 +116,7 @@ class TierMover:
             if self.host.holds(op.host_slot, op.block_hash):
                 slots.append(op.host_slot)
                 blocks.append(op.device_block)
+                self._used(op.host_slot)
             else:  # the scheduler's bookkeeping and this memory disagree: a bug, said loudly
                 log.error("tier order %d: host slot %d does not hold block %016x; not loaded",
                           job.order.job_id, op.host_slot, op.block_hash)
@@ -129,6 +133,7 @@ class TierMover:
     def _store(self, op, job: Job) -> None:
         self.host.store_from(self.pools, op.device_block, op.host_slot)
         self.host.name(op.host_slot, op.block_hash, op.parent_hash, op.token_ids)
+        self._used(op.host_slot)
 
     def _spill(self, op, job: Job) -> None:
         name = self.host.names[op.host_slot]
@@ -145,9 +150,36 @@ class TierMover:
             job.failed.append(op.block_hash)
         else:
             self.host.name(op.host_slot, op.block_hash, parent, tokens)
+            self._used(op.host_slot)
 
     def _drop(self, op, job: Job) -> None:
         self.disk.delete(op.block_hash)
+
+    def _used(self, slot: int) -> None:
+        self.clock += 1
+        self.last_use[slot] = self.clock
+
+    # -- a clean stop --------------------------------------------------------------------
+    def flush(self, seconds: float) -> int:
+        """Write the host tier's blocks that the disk tier lacks to disk, most recently used
+        first, for at most ``seconds`` (a clean stop: a restarted instance finds them).
+        Their files' ages keep the order of use. Returns how many were written."""
+        if self.disk is None:
+            return 0
+        deadline = time.monotonic() + seconds
+        written = []
+        for slot in sorted(range(self.host.num_slots), key=lambda s: -self.last_use[s]):
+            name = self.host.names[slot]
+            if name is None or time.monotonic() > deadline:
+                continue
+            path = self.disk.path(name[0])
+            if not path.exists():
+                self.disk.write(name[0], name[1], name[2], self.host.data[slot])
+            written.append(path)
+        now = time.time()
+        for age, path in enumerate(written):  # most recent last to be evicted after a restart
+            os.utime(path, (now - age * 1e-3, now - age * 1e-3))
+        return len(written)
 
     # -- checks --------------------------------------------------------------------------
     def _check(self, order: KVTierOrder) -> str:

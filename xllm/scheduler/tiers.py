@@ -78,6 +78,7 @@ class KVTiers:
         self.jobs: dict[int, TierJob] = {}  # sent (or sealed), not yet done
         self.fetching: dict[int, int] = {}  # hash -> the order fetching it from disk (its host entry is pending)
         self.next_job = 1
+        self.adopted = False  # the disk tier's blocks from an earlier run are known
         self.stats = TierStats()
 
     # -- up ------------------------------------------------------------------------------------
@@ -228,9 +229,12 @@ class KVTiers:
         return True
 
     def adopt(self, blocks) -> None:
-        """The disk tier's blocks from an earlier run (``KVTierInventory``), oldest first."""
-        if self.disk is None:
+        """The disk tier's blocks from an earlier run (``KVTierInventory``), oldest first;
+        once (the agent reports them when it starts; a second report is not its)."""
+        if self.disk is None or self.adopted:
+            log.error("dropped a disk tier inventory: %s", "no disk tier" if self.disk is None else "one came already")
             return
+        self.adopted = True
         for b in blocks:
             if b.block_hash in self.disk or len(b.token_ids) != self.block_size:
                 continue
