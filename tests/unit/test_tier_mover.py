@@ -170,13 +170,15 @@ def test_a_malformed_order_is_refused_whole(pool, ops, problem):
     assert not mover.busy
 
 
-def test_an_order_for_a_step_far_ahead_is_refused_and_cannot_wedge_the_queue(pool):
+def test_an_order_for_a_step_far_ahead_or_out_of_sequence_is_refused_and_wedges_nothing(pool):
     mover = TierMover([pool], HostTier(2, [pool]), None, BS)
     h, parent, tokens = block([1, 2, 3, 4])
     assert "far past" in mover.accept(KVTierOrder(1, 10**9, [store(h, parent, tokens, 1, 0)]))
-    assert mover.accept(KVTierOrder(2, 1, [store(h, parent, tokens, 1, 0)])) == ""
+    assert "out of sequence" in mover.accept(KVTierOrder(5, 1, [store(h, parent, tokens, 1, 0)]))
+    assert mover.accept(KVTierOrder(1, 1, [store(h, parent, tokens, 1, 0)])) == ""  # the scheduler's
+    assert "out of sequence" in mover.accept(KVTierOrder(1, 1, [store(h, parent, tokens, 1, 0)]))  # a replay
     run_step(pool, 1)
-    assert [d.job_id for d in mover.advance()] == [2]
+    assert [d.job_id for d in mover.advance()] == [1]
 
 
 def test_a_clean_stop_writes_the_host_tier_to_disk_most_recent_last_to_go(pool, tmp_path):

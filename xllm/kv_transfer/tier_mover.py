@@ -58,6 +58,7 @@ class TierMover:
         self.disk = disk
         self.block_size = block_size
         self.jobs: deque[Job] = deque()
+        self.next_job = 1  # orders come numbered 1, 2, ... from the scheduler (it starts with this agent)
         self.last_use = [0] * host.num_slots  # per host slot: when an op last stored, loaded or fetched it
         self.clock = 0
 
@@ -79,6 +80,7 @@ class TierMover:
             return problem
         loads = next((i for i, op in enumerate(order.ops) if op.kind != "load"), len(order.ops))
         self.jobs.append(Job(order, loads))
+        self.next_job += 1
         return ""
 
     def advance(self) -> list[KVTierDone]:
@@ -202,4 +204,6 @@ class TierMover:
                 return f"device block {op.device_block} (the pool has {num_blocks})"
             if op.kind == "store" and len(op.token_ids) != self.block_size:
                 return f"a stored block of {len(op.token_ids)} tokens (blocks hold {self.block_size})"
+        if order.job_id != self.next_job:
+            return f"order {order.job_id} out of sequence (the next is {self.next_job}): not the scheduler's"
         return ""
