@@ -106,6 +106,9 @@ class ParallelConfig:
 
 
 ROUTER_POLICIES = ("round_robin", "prefix_cache_aware", "kv_cache_aware")
+# A host or disk hit's cost against recomputing the block, per token (README "KV cache
+# tiers": load-back seconds per token over prefill seconds per token, bench.tier_cost)
+TIER_WEIGHTS = (0.05, 0.15)
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,18 @@ class RouterConfig:
 
     policy: str = "prefix_cache_aware"
     pd_short_prompt: int = 0  # with PD: prompts this short skip the prefill side (a mixed or the decode instance)
+    tier_weights: tuple[float, float] = TIER_WEIGHTS  # prefix_cache_aware: a host, a disk hit against recomputing
 
     def __post_init__(self) -> None:
         if self.policy not in ROUTER_POLICIES:
             raise ValueError(f"router policy must be one of {', '.join(ROUTER_POLICIES)}; got {self.policy!r}")
+        if len(self.tier_weights) != 2 or not all(0.0 <= w <= 1.0 for w in self.tier_weights):
+            raise ValueError(f"tier weights are two numbers in [0, 1] (host, disk); got {self.tier_weights}")
+
+    @property
+    def weights(self) -> tuple[float, float, float]:
+        """Each tier's weight, device first (a device hit costs nothing)."""
+        return (0.0, *self.tier_weights)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import (POLICIES, ROUTER_POLICIES, CacheConfig, EngineConfig, HttpConfig, ModelConfig,
+from ..config import (POLICIES, ROUTER_POLICIES, TIER_WEIGHTS, CacheConfig, EngineConfig, HttpConfig, ModelConfig,
                       ParallelConfig, RouterConfig, SchedulerConfig, read_hf_config)
 from ..models.spec import DecoderSpec
 from ..kv_transfer import pool as kv_pool
@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a new cluster key pair into DIR and exit")
     d.add_argument("--router-policy", default="prefix_cache_aware", choices=ROUTER_POLICIES,
                    help="how the router places requests on instances (see the README for the formulas)")
+    d.add_argument("--router-tier-weights", default=",".join(map(str, TIER_WEIGHTS)), metavar="HOST,DISK",
+                   help="prefix_cache_aware: what a block found in an instance's host memory, or on its disk, "
+                        "costs against computing it (measured: load-back over prefill seconds per token); "
+                        "1,1 counts only device hits")
     d.add_argument("--micro-batch-overlap", action="store_true",
                    help="split each step in two micro-batches so one's all-reduce overlaps the "
                         "other's compute (with --tp > 1)")
@@ -231,8 +235,16 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                         request_timeout_s=args.request_timeout,
                         max_concurrent_requests=args.http_max_concurrent, api_key=api_key,
                         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser),
-        router=RouterConfig(policy=args.router_policy, pd_short_prompt=args.pd_short_prompt),
+        router=RouterConfig(policy=args.router_policy, pd_short_prompt=args.pd_short_prompt,
+                            tier_weights=_weights(args.router_tier_weights)),
     )
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--router-tier-weights takes HOST,DISK, two numbers; got {text!r}") from None
 
 
 def tier_blocks(args: argparse.Namespace, block_bytes: int) -> tuple[int, int]:

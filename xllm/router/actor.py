@@ -71,7 +71,8 @@ class RouterActor(Actor):
         self.registry = Registries()
         self.index = PrefixIndex()
         # one policy per role, so round robin takes turns within each
-        self.policies = {role: make_policy(self.cfg.router.policy, self.index) for role in ROLES}
+        self.weights = self.cfg.router.weights  # per tier: a held block's cost in blocks of prefill
+        self.policies = {role: make_policy(self.cfg.router.policy, self.index, self.weights) for role in ROLES}
         self.placed: dict[str, tuple[str, bytes]] = {}  # request -> (instance, frontend)
         self.prefill_of: dict[str, str] = {}  # disaggregated request -> its prefill instance
         self.channels_to: dict[str, Channel] = {}  # instance -> its scheduler's input
@@ -214,8 +215,7 @@ class RouterActor(Actor):
             await self.frontends.send_to(frontend, RequestRejected(
                 req.req_id, "no instance is serving this deployment", "unavailable"))
             return
-        hashes = req.block_hashes
-        self.registry.routed(inst, len(hashes) - self.index.deepest(inst.id, hashes))
+        self.registry.routed(inst, self.index.prefill_cost(inst.id, req.block_hashes, self.weights))
         self.placed[req.req_id] = (inst.id, frontend)
         self.stats["routed"] += 1
         await self._to_instance(inst.id, req)
@@ -225,8 +225,7 @@ class RouterActor(Actor):
         and a decode instance (by the policy over the decode pool) for ``req``."""
         pre = self.policies["prefill"].choose(req, self.registry.pool("prefill"))
         dec = self.policies["decode"].choose(req, self.registry.pool("decode"))
-        hashes = req.block_hashes
-        self.registry.routed(pre, len(hashes) - self.index.deepest(pre.id, hashes))
+        self.registry.routed(pre, self.index.prefill_cost(pre.id, req.block_hashes, self.weights))
         self.registry.routed(dec, 0)
         self.placed[req.req_id] = (dec.id, frontend)
         self.prefill_of[req.req_id] = pre.id
@@ -301,10 +300,19 @@ class RouterActor(Actor):
                     return  # from an incarnation the router no longer counts
                 if msg.cleared:
                     self.index.clear(msg.instance_id)
-                self.index.stored(msg.instance_id, [b.block_hash for b in msg.stored if b.tier == 0])
-                self.index.removed(msg.instance_id, [b.block_hash for b in msg.removed if b.tier == 0])
+                self._index_events(msg)
             case ControlReply():
                 gid, iid = self.asked.pop(msg.call_id, (None, None))
                 if gid is not None and gid in self.gathers:
                     self.gathers[gid].replies[iid] = msg
                     await self._finish_if_complete(gid)
+
+    def _index_events(self, msg: KVEventBatch) -> None:
+        """Fold an instance's KV events into the prefix index, tier by tier; a tier
+        weighed like recomputing (weight 1: the device-only view) is not kept at all."""
+        for block in msg.stored:
+            if 0 <= block.tier < len(self.weights) and self.weights[block.tier] < 1.0:
+                self.index.stored(msg.instance_id, (block.block_hash,), block.tier)
+        for block in msg.removed:
+            if 0 <= block.tier < len(self.weights):
+                self.index.removed(msg.instance_id, (block.block_hash,), block.tier)
