@@ -429,6 +429,7 @@ class KVTierDone(msgspec.Struct, tag="kv_tier_done"):
     job_id: int
     failed: list[int] = []  # hashes whose fetch failed its checks (or found no file): the file is gone
     load_seconds: float = 0.0  # from the step's start to its loads written in full
+    fetch_seconds: float = 0.0  # spent reading (and checking) its blocks from disk
 
 
 class KVTierInventory(msgspec.Struct, tag="kv_tier_inventory"):

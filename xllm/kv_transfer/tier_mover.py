@@ -47,6 +47,7 @@ class Job:
     next_op: int = 0  # ops before this are done
     failed: list[int] = field(default_factory=list)
     load_seconds: float = 0.0
+    fetch_seconds: float = 0.0
 
 
 class TierMover:
@@ -88,7 +89,7 @@ class TierMover:
         done = []
         while self.jobs and self._run(self.jobs[0]):
             job = self.jobs.popleft()
-            done.append(KVTierDone(job.order.job_id, job.failed, job.load_seconds))
+            done.append(KVTierDone(job.order.job_id, job.failed, job.load_seconds, job.fetch_seconds))
         return done
 
     # -- running -------------------------------------------------------------------------
@@ -146,7 +147,9 @@ class TierMover:
         self.disk.write(op.block_hash, name[1], name[2], self.host.data[op.host_slot])
 
     def _fetch(self, op, job: Job) -> None:
+        t0 = time.perf_counter()
         problem, parent, tokens = self.disk.read(op.block_hash, self.host.data[op.host_slot])
+        job.fetch_seconds += time.perf_counter() - t0
         if problem:
             self.host.forget(op.host_slot)
             job.failed.append(op.block_hash)

@@ -59,6 +59,7 @@ class TierStats:
     kv_tier_errors: int = 0  # loads the agent refused (its memory and this bookkeeping disagreed)
     kv_load_seconds: float = 0.0  # the agent's time loading blocks back, summed
     kv_load_wait_seconds: float = 0.0  # the workers' time waiting for those loads, summed
+    kv_fetch_seconds: float = 0.0  # the agent's time reading (and checking) blocks from disk, summed
 
 
 class KVTiers:
@@ -226,6 +227,7 @@ class KVTiers:
             log.error("the KV agent refused %d loads of order %d: the host tier and its bookkeeping disagree",
                       len(bad), msg.job_id)
         self.stats.kv_load_seconds += msg.load_seconds
+        self.stats.kv_fetch_seconds += msg.fetch_seconds
         return True
 
     def adopt(self, blocks) -> None:
