@@ -108,7 +108,7 @@ class ParallelConfig:
 ROUTER_POLICIES = ("round_robin", "prefix_cache_aware", "kv_cache_aware")
 # A host or disk hit's cost against recomputing the block, per token (README "KV cache
 # tiers": load-back seconds per token over prefill seconds per token, bench.tier_cost)
-TIER_WEIGHTS = (0.05, 0.15)
+TIER_WEIGHTS = (0.02, 0.1)
 
 
 @dataclass(frozen=True)

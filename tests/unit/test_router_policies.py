@@ -142,7 +142,7 @@ def test_each_role_is_its_own_pool_and_an_instance_can_change_role():
 # -- KV tiers: the index keeps each block's tiers; the policy prices each tier ------------------
 
 DEVICE, HOST, DISK = 0, 1, 2
-WEIGHTS = (0.0, 0.05, 0.15)  # device, host, disk: a held block's cost in blocks of prefill
+WEIGHTS = (0.0, 0.05, 0.15)  # device, host, disk (not the defaults: round numbers): a held block's cost in blocks of prefill
 
 
 def test_the_index_keeps_every_tier_a_block_is_in():
