@@ -47,12 +47,31 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
     num_blocks: int = 1024  # blocks in the pool (resolved by the launcher)
     enable_prefix_caching: bool = True
+    # KV tiers below the device pool (README "KV cache tiers"); both off unless asked for
+    host_blocks: int = 0  # blocks the KV agent keeps in its own memory (--kv-host-memory); 0: no host tier
+    disk_dir: str = ""  # where the KV agent keeps blocks across restarts (--kv-disk-dir); "": no disk tier
+    disk_blocks: int = 0  # blocks the disk tier holds at most (--kv-disk-size)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks < 2:
             raise ValueError(f"num_blocks must be at least 2, got {self.num_blocks}")
+        if self.host_blocks < 0 or self.disk_blocks < 0:
+            raise ValueError("host_blocks and disk_blocks must be >= 0")
+        if self.tiers and not self.enable_prefix_caching:
+            raise ValueError("KV tiers keep prefix-cache blocks: they need prefix caching on")
+        if bool(self.disk_dir) != (self.disk_blocks > 0):
+            raise ValueError("the disk tier needs both a directory (--kv-disk-dir) and a size (--kv-disk-size)")
+        if self.disk_dir and not self.host_blocks:
+            # NOTE: blocks come back from disk through host memory, where they are verified
+            # before anything may read them (a disk hit is never served unchecked)
+            raise ValueError("the disk tier needs a host tier (--kv-host-memory): blocks come back through it")
+
+    @property
+    def tiers(self) -> bool:
+        """Whether blocks evicted from the device pool go down to host memory (and disk)."""
+        return self.host_blocks > 0
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,11 @@ class AdaptivePDConfig:
             raise ValueError(f"the adaptive PD margin must be in [0, 1), got {self.margin}")
 
 
+# A host or disk hit's cost against recomputing the block, per token (README "KV cache
+# tiers": load-back seconds per token over prefill seconds per token, bench.tier_cost)
+TIER_WEIGHTS = (0.02, 0.1)
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """The global scheduler (``xllm.router``): how it places requests on instances."""
@@ -140,6 +164,7 @@ class RouterConfig:
     pd_short_prompt: int = 0  # with PD: prompts this short skip the prefill side (a mixed or the decode instance)
     slo: SloConfig = field(default_factory=SloConfig)
     adaptive: AdaptivePDConfig = field(default_factory=AdaptivePDConfig)
+    tier_weights: tuple[float, float] = TIER_WEIGHTS  # prefix_cache_aware: a host, a disk hit against recomputing
 
     def __post_init__(self) -> None:
         if self.policy not in ROUTER_POLICIES:
@@ -148,6 +173,13 @@ class RouterConfig:
             raise ValueError("--router-policy slo_aware needs both --slo-ttft-ms and --slo-tpot-ms")
         if self.adaptive.enabled and not self.slo.set:
             raise ValueError("--adaptive-pd needs both --slo-ttft-ms and --slo-tpot-ms (it sizes the pools by them)")
+        if len(self.tier_weights) != 2 or not all(0.0 <= w <= 1.0 for w in self.tier_weights):
+            raise ValueError(f"tier weights are two numbers in [0, 1] (host, disk); got {self.tier_weights}")
+
+    @property
+    def weights(self) -> tuple[float, float, float]:
+        """Each tier's weight, device first (a device hit costs nothing)."""
+        return (0.0, *self.tier_weights)
 
 
 @dataclass(frozen=True)

@@ -415,8 +415,83 @@ class KVReceived(msgspec.Struct, tag="kv_received"):
     exposed_seconds: float = 0.0  # from the prefill's last layer stored to its last KV written here
 
 
+# --------------------------------------------------------------------------------------
+# KV tiers (README "KV cache tiers"): an instance's scheduler decides which blocks go
+# down from its device pool to host memory and disk and which come back up; its KV agent
+# copies them, strictly in the order it is told, and says when it is done. The scheduler
+# holds every device block an order names until the agent's ``KVTierDone``.
+# --------------------------------------------------------------------------------------
+
+KV_TIERS = ("device", "host", "disk")  # a block's tier, fastest first; on the wire, its index here
+TIER_OPS = ("load", "store", "spill", "fetch", "drop")
+
+
+class BlockStored(msgspec.Struct, array_like=True):
+    """A full block entered one tier of an instance's prefix cache (after vLLM's KV event)."""
+
+    block_hash: int
+    parent_hash: int  # 0 for the first block of a sequence
+    token_ids: list[int]
+    tier: int = 0  # index into KV_TIERS: device, host or disk
+
+
+class BlockRemoved(msgspec.Struct, array_like=True):
+    """A block left one tier of an instance's prefix cache."""
+
+    block_hash: int
+    tier: int = 0  # index into KV_TIERS
+
+
+class KVTierOp(msgspec.Struct, array_like=True):
+    """One move between an instance's tiers (``kind`` one of ``TIER_OPS``):
+
+    - ``load``: host ``host_slot`` -> device ``device_block``, layer by layer while the
+      order's step runs (the workers wait for each layer before its attention);
+    - ``store``: device ``device_block`` -> host ``host_slot``, once the order's step has
+      stored its KV (``parent_hash`` and ``token_ids`` name the block's contents);
+    - ``spill``: host ``host_slot`` -> the block's disk file (before the slot is reused);
+    - ``fetch``: the block's disk file -> host ``host_slot``, verified (checksum, hash and
+      token ids) before anything may load it;
+    - ``drop``: delete the block's disk file.
+    """
+
+    kind: str
+    block_hash: int  # the block's chained hash (``xllm.block_hash``); names its disk file
+    host_slot: int = -1
+    device_block: int = -1
+    parent_hash: int = 0  # store: its parent block's hash
+    token_ids: list[int] = []  # store: its token ids
+
+
+class KVTierOrder(msgspec.Struct, tag="kv_tier_order"):
+    """Scheduler -> its agent: ``ops`` in order, after every earlier order. Loads come
+    first and run while step ``step_id`` runs; stores wait until that step's KV is stored;
+    the rest run at once (in order)."""
+
+    job_id: int  # echoed by ``KVTierDone``
+    step_id: int  # the step that reads the loads and computed the stored blocks
+    ops: list[KVTierOp]
+
+
+class KVTierDone(msgspec.Struct, tag="kv_tier_done"):
+    """Agent -> its scheduler: every op of ``job_id`` is done (or refused); the device
+    blocks it named are the scheduler's again."""
+
+    job_id: int
+    failed: list[int] = []  # hashes whose fetch failed its checks (or found no file): the file is gone
+    load_seconds: float = 0.0  # from the step's start to its loads written in full
+    fetch_seconds: float = 0.0  # spent reading (and checking) its blocks from disk
+
+
+class KVTierInventory(msgspec.Struct, tag="kv_tier_inventory"):
+    """Agent -> its scheduler, once at start: the blocks its disk tier holds from an earlier
+    run, least recently used first (their bytes are verified when fetched)."""
+
+    blocks: list[BlockStored]
+
+
 SchedulerInput = Union[TokenizedRequest, AbortRequest, ControlCall, DisaggregatedRequest, PrefillRequest,
-                       PrefillLost, KVReleased, KVReceived, RoleChange]
+                       PrefillLost, KVReleased, KVReceived, RoleChange, KVTierDone, KVTierInventory]
 
 
 class KVSend(msgspec.Struct, array_like=True):
@@ -496,7 +571,7 @@ class KVAck(msgspec.Struct, tag="kv_ack"):
     error: str = ""
 
 
-KVAgentInput = Union[KVSendPlan, KVSendDone, KVExpect, KVCancel, KVLayer, KVComplete, KVAck]
+KVAgentInput = Union[KVSendPlan, KVSendDone, KVExpect, KVCancel, KVLayer, KVComplete, KVAck, KVTierOrder]
 
 
 class TokenBatch(msgspec.Struct, tag="tokens"):
@@ -549,22 +624,14 @@ class InstanceLoad(msgspec.Struct, tag="load"):
     num_waiting_blocks: int = 0  # KV blocks the waiting requests' tokens will take
 
 
-class BlockStored(msgspec.Struct, array_like=True):
-    """A full block entered an instance's prefix cache (after vLLM's KV event)."""
-
-    block_hash: int
-    parent_hash: int  # 0 for the first block of a sequence
-    token_ids: list[int]
-
-
 class KVEventBatch(msgspec.Struct, tag="kv_events"):
-    """Changes to one instance's prefix cache since its last batch, in order."""
+    """Changes to one instance's prefix cache (every tier) since its last batch, in order."""
 
     instance_id: str
     incarnation: str
     stored: list[BlockStored] = []
-    removed: list[int] = []  # block hashes evicted
-    cleared: bool = False  # the whole cache was reset (before ``stored``)
+    removed: list[BlockRemoved] = []  # blocks a tier evicted
+    cleared: bool = False  # the whole cache, every tier, was reset (before ``stored``)
 
 
 InstanceReport = Union[InstanceLoad, KVEventBatch, ControlReply, RoleChanged]
@@ -639,6 +706,9 @@ class StepPlan(msgspec.Struct, tag="plan"):
     num_scheduled: list[int]  # tokens to compute per scheduled request
     num_computed: list[int]  # tokens already in the KV cache per scheduled request
     finished_req_ids: list[str]  # drop the worker's state for these (done/aborted/preempted)
+    # KV tiers: the KV agent writes blocks of this step's requests (loaded back from host
+    # memory) while it runs; attention waits for each layer's (``xllm.kv_transfer.pool``)
+    loads_kv: bool = False
 
 
 class StepResult(msgspec.Struct, tag="result"):
@@ -657,6 +727,7 @@ class StepResult(msgspec.Struct, tag="result"):
     top_logprobs: np.ndarray | None = None  # (R, K) float32
     # Speculative decoding: req id -> (draft tokens proposed, of them accepted) this step
     spec_counts: dict[str, tuple[int, int]] = {}
+    kv_load_wait_s: float = 0.0  # KV tiers: time attention waited for blocks the agent was loading
 
 
 class WorkerError(msgspec.Struct, tag="worker_error"):

@@ -3,7 +3,7 @@
 A deployment advertising 127.0.0.1 without cluster keys (so anyone can connect, as the
 launcher warns) gets, on each socket other hosts reach (the scheduler's input, the
 router's reports, the frontend's input; with PD, the prefill and decode schedulers' inputs
-and their KV agents'): deep nesting, a huge frame,
+and their KV agents'; with KV tiers, the scheduler's and its KV agent's): deep nesting, a huge frame,
 wrong types, random bytes, messages of another socket. After each attack every actor
 is alive, a normal request is served, and no KV block is held.
 """
@@ -65,6 +65,18 @@ ATTACKS = {
                                        "sampling": {}, "eos_token_ids": [], "arrival_time": 0.0},
         "decode_instance": "d", "decode_address": "no address", "decode_agent": "no address",
         "block_ids": [0]})],
+    # what only a KV agent with tiers, or its scheduler, expects
+    "a tier order with an unknown op": [enc({"type": "kv_tier_order", "job_id": 1, "step_id": 1,
+                                             "ops": [["launch", 5]]})],
+    "a tier order out of range": [enc({"type": "kv_tier_order", "job_id": 1, "step_id": 1,
+                                       "ops": [["load", 5, 10**6, 10**6], ["fetch", 6, -3]]})],
+    "a tier order for a step far ahead": [enc({"type": "kv_tier_order", "job_id": 1, "step_id": 10**12,
+                                               "ops": [["store", 5, 0, 0, 0, [1] * 16]]})],
+    "a tier order out of sequence": [enc({"type": "kv_tier_order", "job_id": 10**6, "step_id": 1,
+                                          "ops": [["fetch", 6, 0], ["drop", 7]]})],
+    "a tier answer of an unknown order": [enc({"type": "kv_tier_done", "job_id": 10**6, "failed": [1, 2]})],
+    "a tier inventory of blocks that are not there": [enc({
+        "type": "kv_tier_inventory", "blocks": [[123, 0, [1, 2, 3], 2], [124, 123, list(range(16)), 2]]})],
     "a disaggregated request whose prefill is nowhere": [enc({
         "type": "pd_request", "request": {"type": "tokenized", "req_id": "x-4", "prompt_token_ids": [3, 4],
                                           "sampling": {"max_tokens": 2}, "eos_token_ids": [],
@@ -89,9 +101,9 @@ def push(address: str, frames: list[bytes]) -> None:
     ctx.term()
 
 
-async def still_serving(address: str) -> dict:
+async def still_serving(address: str, prompt: list[int] = [3, 4, 5]) -> dict:  # noqa: B006 - not mutated
     async with AsyncClient(address) as c:
-        out = await asyncio.wait_for(c.generate(prompt_token_ids=[3, 4, 5], max_tokens=4, ignore_eos=True), 60)
+        out = await asyncio.wait_for(c.generate(prompt_token_ids=prompt, max_tokens=4, ignore_eos=True), 60)
         assert out.finish_reason == "length" and len(out.token_ids) == 4
         for _ in range(100):  # with PD the prefill side lets go a moment after (a bound: 10 s)
             integrity = await c.call("check_integrity")
@@ -119,6 +131,29 @@ def exposed_pd(make_tiny, tmp_path_factory):
         yield dep, {f"{side} {what}": f"tcp://127.0.0.1:{base + off + k}"
                     for k, side in enumerate(("prefill", "decode"))
                     for what, off in (("scheduler input", 100), ("kv agent input", 200))}
+
+
+@pytest.fixture(scope="module")
+def exposed_tiers(make_tiny, tmp_path_factory):
+    """A mixed instance with host and disk tiers: its scheduler at +100, its KV agent at +200."""
+    base = free_port_block()
+    tmp = tmp_path_factory.mktemp("exposed-tiers")
+    with launch(make_tiny("tiny-llama"), tmp, "--advertise-host", "127.0.0.1", "--base-port", str(base),
+                "--kv-host-memory", "0.001", "--kv-disk-dir", str(tmp / "disk"), "--kv-disk-size", "0.01") as dep:
+        yield dep, {"tiers scheduler input": f"tcp://127.0.0.1:{base + 100}",
+                    "tiers kv agent input": f"tcp://127.0.0.1:{base + 200}"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["tiers scheduler input", "tiers kv agent input"])
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_attacks_on_the_kv_tier_sockets_leave_the_deployment_serving(exposed_tiers, target, attack):
+    dep, addresses = exposed_tiers
+    push(addresses[target], ATTACKS[attack])
+    # two full blocks: the agent must still take and answer the scheduler's orders (stores)
+    integrity = asyncio.run(still_serving(dep.address, [3 + i % 50 for i in range(40)]))
+    assert integrity["used"] == 0 and integrity["tier_orders_pending"] == 0  # nothing leaked, nothing stuck
+    assert dep.proc.poll() is None, dep.output()[-3000:]
 
 
 @pytest.mark.slow

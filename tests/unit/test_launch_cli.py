@@ -85,6 +85,8 @@ def test_quantization_reaches_the_model_config(make_tiny):
     assert resolve_config(args).model.quantization == "q8_0"
     with pytest.raises(ValueError, match="quantization"):
         engine_flags({"quantization": "q4"})
+
+
 def test_slo_aware_needs_both_targets(make_tiny):
     from xllm.deploy import launcher
 
@@ -95,3 +97,16 @@ def test_slo_aware_needs_both_targets(make_tiny):
     cfg = launcher.resolve_config(parse(["--model", model, "--router-policy", "slo_aware", "--slo-ttft-ms", "500",
                                          "--slo-tpot-ms", "50", "--slo-reject"]))
     assert (cfg.router.slo.ttft_s, cfg.router.slo.tpot_s, cfg.router.slo.reject) == (0.5, 0.05, True)
+
+
+def test_kv_tier_flags_become_capacities_in_blocks(tmp_path):
+    from xllm.deploy.launcher import tier_blocks
+
+    args = build_parser().parse_args(["--model", "m", "--kv-host-memory", "1", "--kv-disk-dir", str(tmp_path),
+                                      "--kv-disk-size", "2"])
+    assert tier_blocks(args, 2**20) == (1024, 2048)
+    off = build_parser().parse_args(["--model", "m"])
+    assert tier_blocks(off, 2**20) == (0, 0)  # tiers are off unless asked for
+    tiny = build_parser().parse_args(["--model", "m", "--kv-host-memory", "0.0000001"])
+    with pytest.raises(ValueError, match="holds no KV block"):
+        tier_blocks(tiny, 2**20)

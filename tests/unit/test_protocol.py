@@ -51,7 +51,8 @@ def strategy_for(cls):
 
 MESSAGES = sorted({cls for union in P.ALL_UNIONS.values() for cls in typing.get_args(union)},
                   key=lambda c: c.__name__)
-for cls in [P.SamplingParams, P.ChatMessage, P.ToolCall, P.ToolCallFunction, P.NewRequestData, P.RequestDelta, P.TokenLogprob, *MESSAGES]:
+for cls in [P.SamplingParams, P.ChatMessage, P.ToolCall, P.ToolCallFunction, P.NewRequestData, P.RequestDelta,
+            P.TokenLogprob, P.KVTierOp, P.BlockStored, P.BlockRemoved, *MESSAGES]:
     st.register_type_strategy(cls, strategy_for(cls))
 
 

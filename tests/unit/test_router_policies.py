@@ -137,3 +137,58 @@ def test_each_role_is_its_own_pool_and_an_instance_can_change_role():
     assert len(pools.pool("prefill")) == 1 and len(pools.pool("decode")) == 2 and len(pools) == 3
     assert pools.get("prefill0").role == "decode"
     assert pools.remove("decode0") is not None and len(pools) == 2 and pools.get("decode0") is None
+
+
+# -- KV tiers: the index keeps each block's tiers; the policy prices each tier ------------------
+
+DEVICE, HOST, DISK = 0, 1, 2
+WEIGHTS = (0.0, 0.05, 0.15)  # device, host, disk (not the defaults: round numbers): a held block's cost in blocks of prefill
+
+
+def test_the_index_keeps_every_tier_a_block_is_in():
+    index = PrefixIndex()
+    hashes = block_hashes(list(range(16)), BS)
+    index.stored("i0", hashes, DEVICE)
+    index.stored("i0", hashes, HOST)  # written through to host memory
+    index.removed("i0", hashes[2:], DEVICE)  # evicted from the device: still in host memory
+    assert index.deepest("i0", hashes) == 4 and index.holders[hashes[3]] == {"i0"}
+    assert index.prefill_cost("i0", hashes, WEIGHTS) == 2 * 0.05  # two device blocks, two from host
+    index.removed("i0", hashes[3:], HOST)
+    index.stored("i0", hashes[3:], DISK)  # spilled to disk
+    assert index.prefill_cost("i0", hashes, WEIGHTS) == 0.05 + 0.15
+    index.removed("i0", hashes[3:], DISK)
+    assert index.deepest("i0", hashes) == 3 and hashes[3] not in index.holders
+    assert index.prefill_cost("i0", hashes, WEIGHTS) == 0.05 + 1  # the last block is computed
+
+
+def test_a_device_hit_beats_a_host_hit_beats_a_disk_hit_beats_recomputing():
+    prompt = list(range(40))  # 10 blocks
+    hashes = block_hashes(prompt, BS)
+    index = PrefixIndex()
+    index.stored("i1", hashes, DISK)
+    index.stored("i2", hashes, HOST)
+    index.stored("i3", hashes, DEVICE)
+    policy = PrefixCacheAware(index, tier_weights=WEIGHTS)
+    assert policy.choose(request(prompt), registry((0, 100), (0, 100), (0, 100), (0, 100))).id == "i3"
+    index.clear("i3")
+    assert policy.choose(request(prompt), registry((0, 100), (0, 100), (0, 100), (0, 100))).id == "i2"
+    index.clear("i2")
+    assert policy.choose(request(prompt), registry((0, 100), (0, 100), (0, 100), (0, 100))).id == "i1"
+    # a host hit is worth its load-back only: a little more work tips it to the device hit
+    index.stored("i2", hashes, HOST)
+    index.stored("i3", hashes[:9], DEVICE)  # one block short
+    assert policy.choose(request(prompt), registry((0, 100), (0, 100), (0, 100), (0, 100))).id == "i2"
+    assert policy.choose(request(prompt), registry((0, 100), (0, 100), (2, 100), (0, 100))).id == "i3"
+
+
+def test_the_device_only_view_counts_lower_tiers_as_misses():
+    prompt = list(range(40))
+    hashes = block_hashes(prompt, BS)
+    index = PrefixIndex()
+    index.stored("i0", hashes, HOST)
+    index.stored("i1", hashes[:3], DEVICE)
+    device_only = PrefixCacheAware(index, tier_weights=(0.0, 1.0, 1.0))
+    aware = PrefixCacheAware(index, tier_weights=WEIGHTS)
+    reg = registry((1, 100), (1, 100))
+    assert aware.choose(request(prompt), reg).id == "i0"
+    assert device_only.choose(request(prompt), reg).id == "i1"

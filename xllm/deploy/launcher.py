@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..config import (POLICIES, QUANTIZATIONS, ROUTER_POLICIES, SPECULATIVE_METHODS, AdaptivePDConfig, CacheConfig,
-                      EngineConfig, HttpConfig, ModelConfig, ParallelConfig, RouterConfig, SchedulerConfig, SloConfig,
-                      SpeculativeConfig, read_hf_config)
+from ..config import (POLICIES, QUANTIZATIONS, ROUTER_POLICIES, SPECULATIVE_METHODS, TIER_WEIGHTS, AdaptivePDConfig,
+                      CacheConfig, EngineConfig, HttpConfig, ModelConfig, ParallelConfig, RouterConfig, SchedulerConfig,
+                      SloConfig, SpeculativeConfig, read_hf_config)
 from ..models.spec import DecoderSpec
 from ..kv_transfer import pool as kv_pool
 from ..metastore import etcd_access
@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GiB of KV cache per worker (ignored with --num-kv-blocks)")
     c.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks in the pool")
     c.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    c.add_argument("--kv-host-memory", type=float, default=0.0,
+                   help="GiB of host memory per instance for KV blocks evicted from the pool (the host "
+                        "tier, kept by the instance's KV agent); 0: no host tier")
+    c.add_argument("--kv-disk-dir", default="",
+                   help="directory of the disk tier below the host tier (kept across restarts; each "
+                        "instance uses its own subdirectory); needs --kv-host-memory")
+    c.add_argument("--kv-disk-size", type=float, default=16.0,
+                   help="GiB of KV blocks the disk tier keeps per instance (with --kv-disk-dir)")
     s = p.add_argument_group("scheduler")
     s.add_argument("--max-num-seqs", type=int, default=64, help="requests per step at most")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -192,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--slo-reject", action="store_true",
                    help="slo_aware: refuse (HTTP 429, with the predictions) a request no instance is predicted "
                         "to serve within both targets, instead of sending it where it misses least")
+    d.add_argument("--router-tier-weights", default=",".join(map(str, TIER_WEIGHTS)), metavar="HOST,DISK",
+                   help="prefix_cache_aware: what a block found in an instance's host memory, or on its disk, "
+                        "costs against computing it (measured: load-back over prefill seconds per token); "
+                        "1,1 counts only device hits")
     d.add_argument("--micro-batch-overlap", action="store_true",
                    help="split each step in two micro-batches so one's all-reduce overlaps the "
                         "other's compute (with --tp > 1)")
@@ -250,12 +262,15 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
     if blocks is None:
         useful = args.max_num_seqs * -(-max_len // bs)  # more than this can never be used
         blocks = min(int(args.kv_cache_memory * 2**30 // block_bytes), useful)
+    host_blocks, disk_blocks = tier_blocks(args, block_bytes)
     return EngineConfig(
         model=ModelConfig(path=path, dtype=dtype, max_model_len=max_len,
                           served_name=args.served_model_name or _served_name(path), seed=args.seed,
                           enforce_eager=args.enforce_eager, quantization=args.quantization,
                           profile=not args.no_instance_profile),
-        cache=CacheConfig(block_size=bs, num_blocks=blocks, enable_prefix_caching=not args.no_prefix_caching),
+        cache=CacheConfig(block_size=bs, num_blocks=blocks, enable_prefix_caching=not args.no_prefix_caching,
+                          host_blocks=host_blocks, disk_blocks=disk_blocks,
+                          disk_dir=str(Path(args.kv_disk_dir).resolve()) if args.kv_disk_dir else ""),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
                                   policy=args.policy, async_scheduling=not args.no_async_scheduling,
@@ -276,7 +291,8 @@ def resolve_config(args: argparse.Namespace) -> EngineConfig:
                             adaptive=AdaptivePDConfig(args.adaptive_pd, window_s=args.adaptive_pd_window,
                                                       hold_s=args.adaptive_pd_hold,
                                                       cooldown_s=args.adaptive_pd_cooldown,
-                                                      drain_timeout_s=args.role_drain_timeout)),
+                                                      drain_timeout_s=args.role_drain_timeout),
+                            tier_weights=_weights(args.router_tier_weights)),
         speculative=SpeculativeConfig(method=args.speculative, num_tokens=args.num_speculative_tokens,
                                       max_batch=args.speculative_max_batch,
                                       draft_model=resolve_model_path(args.draft_model) if args.draft_model else ""),
@@ -296,6 +312,26 @@ def check_quantization(quantization: str, tp: int, spec: DecoderSpec) -> None:
         if n % 32:
             raise ValueError(f"--quantization {quantization} needs linear input sizes that are multiples of 32; "
                              f"this model's {what} is {n}")
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--router-tier-weights takes HOST,DISK, two numbers; got {text!r}") from None
+
+
+def tier_blocks(args: argparse.Namespace, block_bytes: int) -> tuple[int, int]:
+    """The host and disk tiers' capacities in blocks of ``block_bytes`` (all layers, K and V)."""
+    if args.kv_host_memory < 0 or args.kv_disk_size <= 0:
+        raise ValueError("--kv-host-memory must be >= 0 and --kv-disk-size positive")
+    host = int(args.kv_host_memory * 2**30 // block_bytes)
+    if args.kv_host_memory and host < 1:
+        raise ValueError(f"--kv-host-memory {args.kv_host_memory} GiB holds no KV block of {block_bytes} bytes")
+    disk = int(args.kv_disk_size * 2**30 // block_bytes) if args.kv_disk_dir else 0
+    if args.kv_disk_dir and disk < 1:
+        raise ValueError(f"--kv-disk-size {args.kv_disk_size} GiB holds no KV block of {block_bytes} bytes")
+    return host, disk
 
 
 def build_plan(args: argparse.Namespace, engine: EngineConfig, run_dir: str) -> DeploymentPlan:

@@ -86,6 +86,11 @@ class DeploymentPlan:
     def of_kind(self, kind: str) -> list[ActorSpec]:
         return [a for a in self.actors if a.kind == kind]
 
+    def has_kv_agent(self, instance_id: str) -> bool:
+        """Whether an instance has a KV agent, and so keeps its workers' KV pool in shared
+        memory the agent maps (``kv_pool``)."""
+        return _needs_kv_agent(self.instance(instance_id), self.engine)
+
     @property
     def alone(self) -> bool:
         """One instance, and no other can join (the store is this host's own)."""
@@ -172,6 +177,12 @@ class DeploymentPlan:
         return msgspec.json.decode(text, type=cls)
 
 
+def _needs_kv_agent(inst: InstanceSpec, engine: EngineConfig) -> bool:
+    """A KV agent moves an instance's blocks to other instances (prefill/decode) and between
+    its own tiers (device, host, disk)."""
+    return inst.role != "mixed" or engine.cache.tiers
+
+
 def _alone(instances: tuple[InstanceSpec, ...], metastore: str) -> bool:
     return len(instances) == 1 and metastore == "embedded"
 
@@ -222,7 +233,7 @@ def host_plan(engine: EngineConfig, run_dir: str, sdk_address: str, *, role: str
         actors += [ActorSpec("worker", f"{prefix}worker-{r}", inst.id, r, threads_per_worker)
                    for r in range(inst.tp_size)]
         actors.append(ActorSpec("scheduler", f"{prefix}scheduler", inst.id))
-        if inst.role != "mixed":
+        if _needs_kv_agent(inst, engine):
             actors.append(ActorSpec("kv_agent", f"{prefix}kv-agent", inst.id))
     if service:
         routers = [_numbered("router", n, num_routers) for n in range(num_routers)]

@@ -19,6 +19,11 @@ Either scheduler may cancel (``KVCancel``: a client abort, a timeout, a lost pee
 agent stops touching the request's blocks at once and answers with the release. It
 keeps no clock of its own: a scheduler decides when to give up, the agent obeys in
 order, so no block is written after its scheduler may have reused it.
+
+KV tiers (any role, with ``--kv-host-memory``): the agent owns the instance's host tier
+(memory) and disk tier (files), and runs its scheduler's ``KVTierOrder``s strictly in
+order (``tier_mover``), answering each with ``KVTierDone``. At start it tells its
+scheduler what the disk tier holds from an earlier run (``KVTierInventory``).
 """
 
 from __future__ import annotations
@@ -38,15 +43,20 @@ from ..bus.channel import Channel
 from ..bus.codec import DecodeError
 from ..deploy.plan import ActorSpec, DeploymentPlan
 from ..protocol import (
-    KVAck, KVAgentInput, KVCancel, KVComplete, KVExpect, KVLayer, KVReceived, KVReleased, KVSend,
-    KVSendDone, KVSendPlan,
+    BlockStored, KVAck, KVAgentInput, KVCancel, KVComplete, KVExpect, KVLayer, KVReceived, KVReleased, KVSend,
+    KVSendDone, KVSendPlan, KVTierInventory, KVTierOrder, KV_TIERS,
 )
+from .disk_tier import DiskTier
+from .host_tier import HostTier
 from .pool import SharedKVPool
+from .tier_mover import TierMover
 
 log = logging.getLogger(__name__)
 
 ATTACH_TIMEOUT_S = 600.0  # the workers create the pools while they load (a bound, not a wait)
 POLL_MS = 1  # how often layer progress is looked at while a send is pending
+FLUSH_S = 2.0  # a clean stop writes host blocks to the disk tier for at most this long
+LOAD_POLL_S = 100e-6  # how often the workers' progress is looked at while a tier load waits for its step
 
 
 @dataclass
@@ -94,6 +104,8 @@ class KVAgentActor(Actor):
         self.incoming: dict[str, Incoming] = {}
         self.peers: dict[str, Channel] = {}  # other agents' inputs, prefill schedulers' inputs
         self.layerwise = plan.engine.scheduler.kv_layerwise
+        self.tiers: TierMover | None = None  # with KV tiers
+        self.inventory: list[tuple[int, int, tuple[int, ...]]] = []  # the disk tier's blocks at start
 
     async def setup(self) -> dict:
         plan, inst = self.plan, self.instance.id
@@ -111,11 +123,38 @@ class KVAgentActor(Actor):
                         raise RuntimeError(f"no KV pool at {path} after {ATTACH_TIMEOUT_S:.0f} s") from None
                     await asyncio.sleep(0.05)
         pool = self.pools[0]
-        return {"layers": pool.num_layers, "blocks": pool.num_blocks, "block_bytes": pool.block_bytes}
+        if self.plan.engine.cache.tiers:
+            self._open_tiers()
+        return {"layers": pool.num_layers, "blocks": pool.num_blocks, "block_bytes": pool.block_bytes,
+                "disk_blocks_found": len(self.inventory)}
+
+    def _open_tiers(self) -> None:
+        """The host tier's memory, the disk tier's directory (this instance's own), and what
+        that directory holds from an earlier run."""
+        engine, pool = self.plan.engine, self.pools[0]
+        cache = engine.cache
+        disk = None
+        if cache.disk_dir:
+            layout = {"format": 1, "model": engine.model.path, "dtype": engine.model.dtype,
+                      "block_size": cache.block_size, "ranks": len(self.pools), "layers": pool.num_layers,
+                      "block_bytes": pool.block_bytes}
+            disk = DiskTier(Path(cache.disk_dir) / self.instance.id, layout)
+            self.inventory = disk.scan()
+        self.tiers = TierMover(self.pools, HostTier(cache.host_blocks, self.pools), disk, cache.block_size)
+
+    async def teardown(self) -> None:
+        if self.tiers is not None:
+            n = self.tiers.flush(FLUSH_S)
+            if n:
+                log.info("the disk tier keeps %d blocks of the host tier", n)
 
     async def run(self) -> None:
         poller = zmq.asyncio.Poller()
         poller.register(self.inbox.sock, zmq.POLLIN)
+        if self.inventory:
+            disk = KV_TIERS.index("disk")
+            await self.to_scheduler.send(KVTierInventory([BlockStored(h, p, list(t), disk)
+                                                          for h, p, t in self.inventory]))
         while True:
             while self.inbox.poll_now():
                 try:
@@ -126,7 +165,15 @@ class KVAgentActor(Actor):
                 await self._on_message(msg)
             await self._push_ready_layers()
             await self._complete_finished()
-            await poller.poll(POLL_MS if self.steps else None)
+            if self.tiers is not None:
+                for done in self.tiers.advance():
+                    await self.to_scheduler.send(done)
+            if self.tiers is not None and self.tiers.loads_waiting:
+                time.sleep(LOAD_POLL_S)  # NOTE: finer than the event loop's millisecond timers
+                await asyncio.sleep(0)
+                continue
+            busy = self.steps or (self.tiers is not None and self.tiers.busy)
+            await poller.poll(POLL_MS if busy else None)
 
     # -- messages ---------------------------------------------------------------------------
     async def _on_message(self, msg) -> None:
@@ -155,6 +202,11 @@ class KVAgentActor(Actor):
                 self._on_layer(msg)
             case KVComplete():
                 await self._on_complete(msg)
+            case KVTierOrder():
+                if self.tiers is None:
+                    log.error("refused tier order %d: this instance has no KV tiers", msg.job_id)
+                else:
+                    self.tiers.accept(msg)  # a refusal is logged; nothing of it runs
             case KVAck():
                 out = self.outgoing.pop(msg.req_id, None)
                 if out is not None:

@@ -3,7 +3,8 @@ agent reads and writes blocks in place, without a copy through the worker.
 
 File layout (little-endian, one file per instance rank under ``/dev/shm``)::
 
-    header  4096 bytes: int64 [MAGIC, num_layers, num_blocks, block_bytes, step_id, layers_done, ...]
+    header  4096 bytes: int64 [MAGIC, num_layers, num_blocks, block_bytes, step_id, layers_done,
+                               load_step, load_layers, ...]
     layer 0 K pool  num_blocks * block_bytes
     layer 0 V pool  num_blocks * block_bytes
     layer 1 K pool  ...
@@ -19,6 +20,12 @@ has stored its K/V it writes ``layers_done``; after the step ``layers_done =
 num_layers``. The agent sends a layer's blocks of a step once ``(step_id, layers_done)``
 is past it. x86 keeps stores in order, so a published count means the K/V before it is
 visible to the other process.
+
+Loads (KV tiers), the other way: the agent writes blocks loaded back from host memory
+while the step that reads them runs. It begins once the worker has started that step
+(so no earlier step still touches the pool), writes ``(load_step, 0)``, and after each
+layer of every loaded block ``load_layers``; the worker waits before each attention layer
+until that layer is in (``loaded``), and at the end of the step until all are.
 
 Files are named after the launcher's pid (``name``), so a launcher removes its own at the
 end and the next one removes those of a launcher that died (``sweep``).
@@ -39,7 +46,7 @@ SHM_DIR = Path("/dev/shm")
 PREFIX = "xllm-kv-"
 HEADER_BYTES = 4096
 MAGIC = 0x786C6C6D6B76  # "xllmkv"
-_MAGIC, _LAYERS, _BLOCKS, _BLOCK_BYTES, _STEP, _DONE = range(6)
+_MAGIC, _LAYERS, _BLOCKS, _BLOCK_BYTES, _STEP, _DONE, _LOAD_STEP, _LOAD_DONE = range(8)
 
 
 def pool_path(run_dir: str, instance: str, rank: int) -> Path:
@@ -102,6 +109,7 @@ class SharedKVPool:
         header = np.ndarray((HEADER_BYTES // 8,), dtype=np.int64, buffer=buf)
         header[_LAYERS], header[_BLOCKS], header[_BLOCK_BYTES] = num_layers, num_blocks, block_bytes
         header[_STEP], header[_DONE] = -1, 0
+        header[_LOAD_STEP], header[_LOAD_DONE] = -1, 0
         header[_MAGIC] = MAGIC  # last: a pool with its magic is complete
         return cls(path, buf)
 
@@ -139,6 +147,27 @@ class SharedKVPool:
         """True once step ``step_id`` has stored layer ``layer`` (or a later step started)."""
         step, done = self.progress()
         return step > step_id or (step == step_id and done > layer)
+
+    def started(self, step_id: int) -> bool:
+        """True once the worker has started step ``step_id`` (every earlier step is done)."""
+        return int(self.header[_STEP]) >= step_id
+
+    # -- loads (KV tiers) --------------------------------------------------------------
+    def start_load(self, step_id: int) -> None:
+        self.header[_LOAD_DONE] = 0
+        self.header[_LOAD_STEP] = step_id
+
+    def load_done(self, layers_done: int) -> None:
+        self.header[_LOAD_DONE] = layers_done
+
+    def loaded(self, step_id: int, layer: int) -> bool:
+        """True once the loads of step ``step_id`` have written layer ``layer`` (or the
+        agent has moved on to a later step's)."""
+        while True:
+            step = int(self.header[_LOAD_STEP])
+            done = int(self.header[_LOAD_DONE])
+            if int(self.header[_LOAD_STEP]) == step:  # else a load began between the reads: again
+                return step > step_id or (step == step_id and done > layer)
 
     # -- blocks ------------------------------------------------------------------------
     def read(self, layer: int, blocks: list[int]) -> tuple[np.ndarray, np.ndarray]:

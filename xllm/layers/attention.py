@@ -44,6 +44,10 @@ class AttentionMetadata:
     # called with a layer's index once its K/V for this step are stored (the KV agent
     # sends it on while the later layers compute); None: nobody is waiting
     on_layer_stored: Callable[[int], None] | None = None
+    # called with a layer's index before its attention reads the cache, returning once the
+    # KV agent has written that layer of the blocks it loads back for this step (KV tiers:
+    # the copy overlaps the earlier layers' compute); None: nothing is being loaded
+    wait_for_layer: Callable[[int], None] | None = None
 
 
 class Attention(nn.Module):
@@ -63,6 +67,8 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: (T, h, d); k, v: (T, kvh, d) -> (T, h, d)."""
         kc, vc = self.k_cache, self.v_cache
+        if meta.wait_for_layer is not None:
+            meta.wait_for_layer(self.layer_index)
         if meta.all_decode:
             out = decode_attention(q, k, v, kc, vc, meta.slot_mapping, meta.decode_block_tables,
                                    meta.decode_seq_lens, self.scale)

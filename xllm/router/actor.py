@@ -80,7 +80,9 @@ class RouterActor(Actor):
         self.registry = Registries()
         self.index = PrefixIndex()
         # one policy per role, so round robin takes turns within each
-        self.policies = {role: make_policy(self.cfg.router.policy, self.index, self.cfg.router.slo) for role in ROLES}
+        self.weights = self.cfg.router.weights  # per tier: a held block's cost in blocks of prefill
+        self.policies = {role: make_policy(self.cfg.router.policy, self.index, slo=self.cfg.router.slo,
+                                           tier_weights=self.weights) for role in ROLES}
         self.placed: dict[str, tuple[str, bytes]] = {}  # request -> (instance, frontend)
         self.prefill_of: dict[str, str] = {}  # disaggregated request -> its prefill instance
         self.channels_to: dict[str, Channel] = {}  # instance -> its scheduler's input
@@ -239,7 +241,7 @@ class RouterActor(Actor):
             return
         hashes = req.block_hashes
         hit = self.index.deepest(inst.id, hashes)
-        self.registry.routed(inst, len(hashes) - hit)
+        self.registry.routed(inst, self.index.prefill_cost(inst.id, hashes, self.weights, hit))
         self.roles.observe(req, hit * inst.block_size, time.monotonic())
         self.placed[req.req_id] = (inst.id, frontend)
         self.stats["routed"] += 1
@@ -256,7 +258,7 @@ class RouterActor(Actor):
             dec = policy.choose(req, self.registry.pool("decode"))
         hashes = req.block_hashes
         hit = self.index.deepest(pre.id, hashes)
-        self.registry.routed(pre, len(hashes) - hit)
+        self.registry.routed(pre, self.index.prefill_cost(pre.id, hashes, self.weights, hit))
         self.registry.routed(dec, 0)
         self.roles.observe(req, hit * pre.block_size, time.monotonic())
         self.placed[req.req_id] = (dec.id, frontend)
@@ -332,8 +334,7 @@ class RouterActor(Actor):
                     return  # from an incarnation the router no longer counts
                 if msg.cleared:
                     self.index.clear(msg.instance_id)
-                self.index.stored(msg.instance_id, [b.block_hash for b in msg.stored])
-                self.index.removed(msg.instance_id, msg.removed)
+                self._index_events(msg)
             case RoleChanged():
                 self.roles.changed(msg, time.monotonic())
             case ControlReply():
@@ -341,3 +342,13 @@ class RouterActor(Actor):
                 if gid is not None and gid in self.gathers:
                     self.gathers[gid].replies[iid] = msg
                     await self._finish_if_complete(gid)
+
+    def _index_events(self, msg: KVEventBatch) -> None:
+        """Fold an instance's KV events into the prefix index, tier by tier; a tier
+        weighed like recomputing (weight 1: the device-only view) is not kept at all."""
+        for block in msg.stored:
+            if 0 <= block.tier < len(self.weights) and self.weights[block.tier] < 1.0:
+                self.index.stored(msg.instance_id, (block.block_hash,), block.tier)
+        for block in msg.removed:
+            if 0 <= block.tier < len(self.weights):
+                self.index.removed(msg.instance_id, (block.block_hash,), block.tier)

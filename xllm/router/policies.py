@@ -7,11 +7,17 @@ none. Their formulas, as the README states them:
 - ``kv_cache_aware``: the instance with the largest share of free KV blocks, counting
   the prompt blocks of the requests sent to it since its last report.
 - ``prefix_cache_aware``: the instance minimising, in KV blocks of prefill,
-  ``cost = (prompt_blocks - hit_blocks) + balance * work``. ``prompt_blocks -
-  hit_blocks`` is the prefill this request needs there: ``hit_blocks`` is the depth of the
-  prompt's deepest full block the instance holds (the global prefix index; a block's hash
-  chains its parents', so holding it means holding the prefix up to it, unless a parent
-  alone was evicted: the index is a hint). ``work`` is what is queued there before it:
+  ``cost = prefill + balance * work``, with
+  ``prefill = sum(w[tier(b)] for b in the prompt's first hit_blocks) + (prompt_blocks - hit_blocks)``:
+  the prefill this request needs there. ``hit_blocks`` is the depth of the prompt's deepest
+  full block the instance holds in any tier (the global prefix index; a block's hash chains
+  its parents', so holding it means holding the prefix up to it, unless a parent alone was
+  evicted: the index is a hint). Each block up to it costs the weight of the fastest tier
+  holding it there: ``w[device] = 0``, ``w[host]`` and ``w[disk]`` the load-back seconds per
+  token from that tier over the prefill seconds per token (``--router-tier-weights``,
+  measured by ``bench.tier_cost``), ``1`` for a block it does not hold; so a device hit
+  beats a host hit beats a disk hit beats recomputing. Weights of 1 are the device-only
+  view (lower tiers count as misses). ``work`` is what is queued there before it:
   its waiting requests' blocks and the prefill of the requests sent since its last
   report, plus one block per running or just-sent request. A cache hit is worth exactly
   the prefill it saves, so conversations stay where their history is while the instances
@@ -67,15 +73,17 @@ class PrefixCacheAware:
 
     name = "prefix_cache_aware"
 
-    def __init__(self, index: PrefixIndex, balance: float = 1.0) -> None:
+    def __init__(self, index: PrefixIndex, balance: float = 1.0,
+                 tier_weights: tuple[float, ...] = (0.0, 1.0, 1.0)) -> None:
         self.index = index
         self.balance = balance
+        self.weights = tier_weights  # per tier of KV_TIERS: a held block's cost in blocks of prefill
 
     def choose(self, req: TokenizedRequest, registry: Registry) -> InstanceState | None:
         least = registry.least_loaded()
         if least is None:
             return None
-        hashes, holders_of, balance = req.block_hashes, self.index.holders, self.balance
+        hashes, holders_of, balance, index = req.block_hashes, self.index.holders, self.balance, self.index
         n = len(hashes)
         floor = balance * least.work  # no instance has less work in it
         best, best_cost = least, n + floor
@@ -96,21 +104,21 @@ class PrefixCacheAware:
                 if inst is None:
                     continue
                 seen.add(inst.id)
-                cost = n - depth + balance * inst.work
+                cost = index.prefill_cost(inst.id, hashes, self.weights, depth) + balance * inst.work
                 if cost < best_cost:
                     best, best_cost = inst, cost
         return best
 
 
-def make_policy(name: str, index: PrefixIndex, slo=None):
+def make_policy(name: str, index: PrefixIndex, slo=None, tier_weights: tuple[float, ...] = (0.0, 1.0, 1.0)):
     """The policy called ``name`` (one of ``POLICIES``); ``slo_aware`` takes the targets
-    (a ``config.SloConfig``)."""
+    (a ``config.SloConfig``), ``prefix_cache_aware`` each KV tier's weight (device first)."""
     if name == "round_robin":
         return RoundRobin()
     if name == "kv_cache_aware":
         return KVCacheAware()
     if name == "prefix_cache_aware":
-        return PrefixCacheAware(index)
+        return PrefixCacheAware(index, tier_weights=tier_weights)
     if name == "slo_aware":
         from .slo import SloAware
 

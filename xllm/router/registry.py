@@ -146,7 +146,7 @@ class Registry:
         self._rerank(inst)
         return inst
 
-    def routed(self, inst: InstanceState, blocks: int = 0) -> None:
+    def routed(self, inst: InstanceState, blocks: float = 0) -> None:
         """A request was just sent to ``inst``; ``blocks``: the prefill it brings there."""
         inst.pending += 1
         inst.pending_blocks += blocks
@@ -241,7 +241,7 @@ class Registries:
         role = self.role_of.get(load.instance_id)
         return self.pools[role].report(load) if role is not None else None
 
-    def routed(self, inst: InstanceState, blocks: int = 0) -> None:
+    def routed(self, inst: InstanceState, blocks: float = 0) -> None:
         self.pools[self.role_of[inst.id]].routed(inst, blocks)
 
     def silent(self, limit_s: float) -> list[InstanceState]:

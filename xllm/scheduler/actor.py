@@ -34,10 +34,10 @@ from ..deploy.plan import ActorSpec, DeploymentPlan
 from ..metastore import keys, open_store
 from ..metastore.registration import PrefixFollower, Registration
 from ..protocol import (
-    AbortRequest, BlockStored, ControlCall, ControlReply, DisaggregatedRequest, InstanceLoad, InstanceProfile,
-    InstanceRecord,
-    KVEventBatch, KVReceived, KVReleased, KVSendPlan, PrefillLost, PrefillRequest, RequestRejected, RoleChange,
-    RoleChanged, RouterRecord, SchedulerInput, StepResult, TokenizedRequest, WorkerError, WorkerOutput,
+    AbortRequest, BlockRemoved, BlockStored, ControlCall, ControlReply, DisaggregatedRequest, InstanceLoad,
+    InstanceProfile, InstanceRecord, KVEventBatch, KVReceived, KVReleased, KVSendPlan, KVTierDone, KVTierInventory,
+    PrefillLost, PrefillRequest, RequestRejected, RoleChange, RoleChanged, RouterRecord, SchedulerInput, StepResult,
+    TokenizedRequest, WorkerError, WorkerOutput,
 )
 from .health import PING_INTERVAL_S, WorkerWatch
 from .roles import RoleSwitch
@@ -84,7 +84,7 @@ class SchedulerActor(Actor):
         self.poller.register(self.inputs.sock, zmq.POLLIN)
         self.poller.register(self.results.sock, zmq.POLLIN)
         self.to_agent = None
-        if self.instance.role != "mixed":
+        if plan.has_kv_agent(inst):
             self.to_agent = self.channel(zmq.PUSH, plan.kv_agent_in(inst), bind=False)
             self.core.agent_address = plan.kv_agent_in(inst)
             self.core.instance_id, self.core.address = inst, plan.scheduler_in(inst)
@@ -157,8 +157,12 @@ class SchedulerActor(Actor):
             await self.poller.poll(math.ceil(wait * 1000))
 
     async def _flush_kv(self, step_id: int | None = None) -> None:
-        """Send what the core decided about transfers: the step's blocks to push, orders
-        to the agent, aborts to prefill instances, failures to decode instances."""
+        """Send what the core decided about transfers: tier orders and the step's blocks to
+        push (before the step goes to the workers), orders to the agent, aborts to prefill
+        instances, failures to decode instances."""
+        if self.to_agent is not None:
+            for order in self.core.take_tier_orders():
+                await self.to_agent.send(order)
         out = self.core.take_outbox()
         if out.sends and step_id is not None:
             await self.to_agent.send(KVSendPlan(step_id, out.sends))
@@ -188,8 +192,8 @@ class SchedulerActor(Actor):
             self._next_events = now + KV_EVENTS_S
             ev = self.core.blocks.drain_events()
             await self._to_routers(KVEventBatch(
-                self.instance.id, self.incarnation, [BlockStored(h, p, t) for h, p, t in ev.stored],
-                ev.removed, ev.cleared))
+                self.instance.id, self.incarnation, [BlockStored(h, p, t, tier) for h, p, t, tier in ev.stored],
+                [BlockRemoved(h, tier) for h, tier in ev.removed], ev.cleared))
         idle = not (self.core.running or self.core.waiting or self.core.receiving)
         if not idle:
             self._reported_idle = False
@@ -253,6 +257,10 @@ class SchedulerActor(Actor):
                 self.core.kv_released(msg)
             case KVReceived():
                 await self._emit(-1, self.core.deliver(msg))
+            case KVTierDone():
+                self.core.tier_done(msg)
+            case KVTierInventory():
+                self.core.tier_inventory(msg)
             case AbortRequest():
                 req = self.core.abort(msg.req_id)
                 if req is not None and req.remote_decode is None:  # a prefill for others streams nothing
@@ -357,7 +365,7 @@ class SchedulerActor(Actor):
                     return ControlReply(call.call_id, False, error=f"unavailable: {problem}")
                 return ControlReply(call.call_id, True, {"in_flight": self.in_flight})
             case "reset_prefix_cache":
-                return ControlReply(call.call_id, True, core.blocks.reset_prefix_cache())
+                return ControlReply(call.call_id, True, core.reset_prefix_cache())
             case "check_integrity":
-                return ControlReply(call.call_id, True, core.blocks.check_integrity())
+                return ControlReply(call.call_id, True, core.check_integrity())
         return ControlReply(call.call_id, False, error=f"unknown method {call.method!r}")

@@ -9,6 +9,11 @@ uncached ones and cached ones alike, and taking a cached one evicts it from the 
 
 NOTE (invariant, ``check_integrity``): free + cached + in use == total, where "in use"
 blocks have references, "cached" blocks have none but a hash, "free" blocks neither.
+A reference is a request's, or the KV agent's while it copies the block (``hold``).
+
+With KV tiers the cache goes on below the device pool (``tiers``): the blocks entering
+the cache are kept for them (``take_new_cached``), and the KV events name each block's
+tier.
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ class BlockOwner(Protocol):
     def known_token_ids(self) -> Sequence[int]: ...
 
 
+DEVICE, HOST, DISK = range(3)  # a block's tier (``protocol.KV_TIERS``)
+
+
 @dataclass
 class KVEvents:
-    """Changes to the prefix cache since the last drain, for a global prefix index."""
+    """Changes to the prefix cache (every tier) since the last drain, for a global prefix index."""
 
-    stored: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (hash, parent, tokens)
-    removed: list[int] = field(default_factory=list)  # block hashes evicted
+    stored: list[tuple[int, int, list[int], int]] = field(default_factory=list)  # (hash, parent, tokens, tier)
+    removed: list[tuple[int, int]] = field(default_factory=list)  # (hash, tier) evicted
     cleared: bool = False  # the whole cache was reset (before ``stored``)
 
     def __bool__(self) -> bool:
@@ -44,7 +52,8 @@ class KVEvents:
 class BlockManager:
     """Counts KV blocks for the scheduler. Verbs: match, allocate, cache, free, reset."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 keep_new_cached: bool = False) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -54,6 +63,8 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # hash -> block id
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.events = KVEvents()
+        self.keep_new_cached = keep_new_cached  # KV tiers: keep what enters the cache for ``take_new_cached``
+        self.new_cached: list[tuple[int, int, int, tuple[int, ...]]] = []  # (block, hash, parent, tokens)
         self.num_queries = 0  # prompt tokens looked up in the prefix cache
         self.num_hits = 0  # of which found
 
@@ -120,7 +131,10 @@ class BlockManager:
             self.block_hash[block] = h
             self.block_tokens[block] = tuple(block_tokens)
             self.cached[h] = block
-            self.events.stored.append((h, owner.block_hashes[i - 1] if i else ROOT_HASH, block_tokens))
+            parent = owner.block_hashes[i - 1] if i else ROOT_HASH
+            self.events.stored.append((h, parent, block_tokens, DEVICE))
+            if self.keep_new_cached:
+                self.new_cached.append((block, h, parent, self.block_tokens[block]))
         owner.num_cached_blocks = n_full
 
     # -- allocation ------------------------------------------------------------------------
@@ -146,6 +160,23 @@ class BlockManager:
             owner.block_ids.append(b)
         return True
 
+    def take_new_cached(self) -> list[tuple[int, int, int, tuple[int, ...]]]:
+        """The blocks that entered the cache since the last call: (block, hash, parent, tokens)."""
+        out, self.new_cached = self.new_cached, []
+        return out
+
+    def hold(self, block: int) -> None:
+        """One more reference to ``block``, for the KV agent while it copies it."""
+        if self.ref_counts[block] == 0:
+            del self.free_queue[block]
+        self.ref_counts[block] += 1
+
+    def release(self, block: int) -> None:
+        """The KV agent is done with ``block`` (``hold``)."""
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free_queue[block] = None
+
     def free(self, owner: BlockOwner) -> None:
         """Drop ``owner``'s references. Its tail blocks become the first to be evicted."""
         for b in reversed(owner.block_ids):
@@ -161,7 +192,7 @@ class BlockManager:
             self.block_tokens[block] = None
             if self.cached.get(h) == block:
                 del self.cached[h]
-                self.events.removed.append(h)
+                self.events.removed.append((h, DEVICE))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block not in use. False if some are still referenced."""

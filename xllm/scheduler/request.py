@@ -26,7 +26,7 @@ class Request:
         "req_id", "prompt_token_ids", "output_token_ids", "sampling", "eos_token_ids", "arrival_time", "priority", "offline", "num_computed_tokens",
         "num_placeholders", "block_ids", "block_hashes", "status", "on_worker",
         "num_blocks_sent", "num_cached_blocks", "num_cached_tokens", "finish_reason", "num_preemptions",
-        "queue_time", "reply_to", "last_token_time", "remote_prefill", "remote_decode",
+        "queue_time", "reply_to", "last_token_time", "remote_prefill", "remote_decode", "tier_job", "tier_fetched",
     )
 
     def __init__(self, msg: TokenizedRequest) -> None:
@@ -54,6 +54,8 @@ class Request:
         self.last_token_time: float | None = None  # when its last output token came back
         self.remote_prefill = None  # disagg.RemotePrefill: its prompt's KV comes from another instance
         self.remote_decode = None  # disagg.RemoteDecode: its KV goes to another instance
+        self.tier_job = 0  # KV tiers: the order fetching its prefix from disk (0: none); it waits for it
+        self.tier_fetched = False  # its prefix was fetched from disk once (a failed block is recomputed)
 
     # -- token counts ---------------------------------------------------------------------
     @property

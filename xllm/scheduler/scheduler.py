@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config import CacheConfig, SchedulerConfig, SpeculativeConfig
@@ -21,6 +22,7 @@ from .block_manager import BlockManager
 from .disagg import Disaggregation
 from .policy import Policy
 from .request import Request, Status
+from .tiers import KVTiers, TierVerbs
 
 
 class StepOutputs:
@@ -107,9 +109,9 @@ class SchedulerStats:
         req.last_token_time = now
 
 
-class Scheduler(Disaggregation):
+class Scheduler(Disaggregation, TierVerbs):
     """Continuous batching over a paged KV cache. Verbs: add, abort, schedule, update;
-    and the hooks of prefill/decode disaggregation (``disagg``)."""
+    the hooks of prefill/decode disaggregation (``disagg``) and the KV tiers' (``tiers``)."""
 
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, max_model_len: int,
                  speculative: SpeculativeConfig = SpeculativeConfig()) -> None:
@@ -117,7 +119,9 @@ class Scheduler(Disaggregation):
         self.spec = speculative
         self.max_model_len = max_model_len
         self.policy = Policy(sched.policy)
-        self.blocks = BlockManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching,
+                                   keep_new_cached=cache.tiers)
+        self.tiers = KVTiers(self.blocks, cache)  # host and disk below the device pool (when configured)
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # kept sorted by policy rank
         self.running: list[Request] = []
@@ -169,7 +173,7 @@ class Scheduler(Disaggregation):
     def has_work(self) -> bool:
         """True if a step could be planned now."""
         return any(self._tokens_to_compute(r) for r in self.running) or any(
-            r.num_placeholders == 0 for r in self.waiting)
+            r.num_placeholders == 0 and not r.tier_job for r in self.waiting)
 
     def schedule(self) -> StepPlan | None:
         """Plan the next step, or None if nothing can run."""
@@ -273,8 +277,8 @@ class Scheduler(Disaggregation):
         for req in self.waiting:
             if budget <= 0 or len(self.running) + len(self.receiving) + len(admitted) >= self.cfg.max_num_seqs:
                 break
-            if req.num_placeholders:
-                continue  # a token for it is still in flight; wait for it
+            if req.num_placeholders or req.tier_job:
+                continue  # a token for it is still in flight, or its prefix is coming up from disk
             if req.offline and self._online_waiting(admitted):
                 break  # offline work only takes capacity online work leaves
             external = self.external_tokens(req)
@@ -284,12 +288,16 @@ class Scheduler(Disaggregation):
                 admitted.append(req)
                 continue
             hits = self.blocks.match_prefix(req, req.num_known_tokens - 1)
-            num_computed = len(hits) * bs
+            lower = self.tiers.match(req, len(hits), (req.num_known_tokens - 1) // bs)
+            if lower is None:
+                continue  # its prefix goes on on disk: it waits while that comes up to host memory
+            num_computed = (len(hits) + len(lower)) * bs  # NOTE: blocks loaded back count as computed
             n = min(req.num_tokens - num_computed, budget)
             self.blocks.take_prefix(req, hits)
             if not self.blocks.allocate(req, num_computed + n):
                 self.blocks.free(req)
                 break
+            self.tiers.load(lower, req.block_ids[len(hits):len(hits) + len(lower)])
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_computed
                 self.blocks.record_lookup(len(req.prompt_token_ids), num_computed)
@@ -348,7 +356,9 @@ class Scheduler(Disaggregation):
         self.stats.last_step_tokens = total
         self.stats.last_step_seqs = len(ids)
         self.stats.total_scheduled_tokens += total
-        return StepPlan(self._step_id, new_requests, new_blocks, ids, n_sched, n_comp, drop)
+        self.tiers.store_new()
+        loads_kv = self.tiers.seal(self._step_id)
+        return StepPlan(self._step_id, new_requests, new_blocks, ids, n_sched, n_comp, drop, loads_kv)
 
     # -- results in -------------------------------------------------------------------------
     def update(self, result: StepResult) -> StepOutputs:
@@ -359,6 +369,7 @@ class Scheduler(Disaggregation):
             lp_rows.setdefault(rid, []).append(i)
         received: dict[str, int] = {}  # req id -> tokens it got in this step
         now = time.time()
+        self.tiers.stats.kv_load_wait_seconds += result.kv_load_wait_s
         for req_id, token in zip(result.req_ids, result.token_ids):
             req = self.requests.get(req_id)
             if req is None or req.num_placeholders == 0:
@@ -474,7 +485,17 @@ class Scheduler(Disaggregation):
             "prefix_cache_hit_rate": b.num_hits / b.num_queries if b.num_queries else 0.0,
             **self.stats.__dict__,
             **self.transfer_snapshot(),
+            **self.tiers.snapshot(),
         }
+
+    def check_integrity(self) -> dict[str, int]:
+        """Assert the bookkeeping of every tier is consistent, and that each device block's
+        references are exactly its requests' and the agent's; returns the counts."""
+        counts = self.blocks.check_integrity()
+        refs = Counter(b for r in self.requests.values() for b in r.block_ids) + self.tiers.held()
+        assert all(self.blocks.ref_counts[b] == refs[b] for b in range(self.blocks.num_blocks)), \
+            "a device block's references are not its requests' and the agent's"
+        return {**counts, **self.tiers.check_integrity()}
 
 
 def _logprobs(result: StepResult, row: int | None, k: int | None, token: int) -> list | None:

@@ -62,8 +62,8 @@ class WorkerActor(Actor):
         # NOTE: built and compiled on this (the main) thread, the one that runs the steps:
         # thread counts and packed-weight choices are per thread, and a compiled graph keeps
         # the thread count it was compiled with.
-        # an instance that hands KV to others keeps its pool where its KV agent can reach it
-        shared = self.plan.kv_pool(inst, self.rank) if self.instance.role != "mixed" else ""
+        # an instance with a KV agent (PD, KV tiers) keeps its pool where the agent can reach it
+        shared = self.plan.kv_pool(inst, self.rank) if self.plan.has_kv_agent(inst) else ""
         self.runner = ModelRunner(self.cfg.model, self.cfg.cache, hf, tp, par.micro_batch_overlap, buckets,
                                   shared_kv=shared, speculative=self.cfg.speculative)
         if self.runner.graphs is not None:

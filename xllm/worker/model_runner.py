@@ -26,7 +26,7 @@ from ..protocol import SamplingParams, StepPlan, StepResult
 from ..spec import make_proposer
 from .grammar import GrammarRows
 from .graph_runner import DecodeGraphs
-from .kv_cache import allocate_kv_cache
+from .kv_cache import LoadWait, allocate_kv_cache
 from .logits_processors import apply_processors
 from .sampler import Sampler, SamplingBatch, seed_for_token, token_logprobs
 from .speculative import Speculator
@@ -85,6 +85,7 @@ class ModelRunner:
                                     enabled=tp.rank == 0)
         self.requests: dict[str, RequestState] = {}
         # the final hidden states of every position a forward computes, for an MTP proposer
+        self._load_wait: LoadWait | None = None  # set by execute for its first forward
         self.hidden_sink: Callable[[list[str], list[int], list[int], torch.Tensor], None] | None = None
         spec = speculative or SpeculativeConfig()
         self.graphs: DecodeGraphs | None = None
@@ -133,15 +134,15 @@ class ModelRunner:
         goes past its known tokens decodes on, one forward per token (multi-step decode)."""
         t0 = time.perf_counter()
         result = StepResult(plan.step_id, [], [], 0.0)
+        load_wait = LoadWait(self.kv_pool, plan.step_id) if plan.loads_kv and self.kv_pool is not None else None
+        self._load_wait = load_wait  # the step's first forward (forward_ranges) waits for the loads
         ranges = self._begin(plan)
         logprobs = _LogprobRows(max((self.requests[r].sampling.logprobs or 0 for r, _, _ in ranges
                                      if self.requests[r].sampling.logprobs is not None), default=-1))
         if self.speculator is not None:  # positions past the known tokens are drafts to verify
             result.req_ids, result.token_ids, counts = self.speculator.execute(self, plan.step_id, ranges, logprobs)
             result.spec_counts = {rid: (n, counts.accepted[rid]) for rid, n in counts.proposed.items()}
-            logprobs.fill(result)
-            result.forward_s = time.perf_counter() - t0
-            return result
+            return self._finish(result, logprobs, load_wait, t0)
         req_ids, logits = self.forward_ranges(plan.step_id, ranges)
         ends = {rid: end for rid, _, end in ranges}
         while req_ids:
@@ -154,7 +155,12 @@ class ModelRunner:
                 break
             req_ids, logits = self._step_logits(more, [1] * len(more),
                                                 [len(self.requests[r].token_ids) - 1 for r in more], progress=False)
+        return self._finish(result, logprobs, load_wait, t0)
+
+    @staticmethod
+    def _finish(result: StepResult, logprobs: "_LogprobRows", load_wait: LoadWait | None, t0: float) -> StepResult:
         logprobs.fill(result)
+        result.kv_load_wait_s = load_wait.waited if load_wait is not None else 0.0
         result.forward_s = time.perf_counter() - t0
         return result
 
@@ -232,25 +238,33 @@ class ModelRunner:
         pool = self.kv_pool
         if pool is None:
             return self._step_logits(ids, n_sched, n_comp, rows=rows)
+        load_wait, self._load_wait = self._load_wait, None
         pool.start_step(step_id)
         try:
-            return self._step_logits(ids, n_sched, n_comp, rows=rows)
+            out = self._step_logits(ids, n_sched, n_comp, rows=rows, load_wait=load_wait)
+            if load_wait is not None:
+                load_wait.finish()
+            return out
         finally:
             pool.layer_done(pool.num_layers)
 
     def _step_logits(self, ids: list[str], n_sched: list[int], n_comp: list[int], progress: bool = True,
-                     rows: list[int] | None = None) -> tuple[list[str], torch.Tensor]:
+                     rows: list[int] | None = None,
+                     load_wait: LoadWait | None = None) -> tuple[list[str], torch.Tensor]:
         """The forward pass; logits of the last ``rows[i]`` (default 1) positions of each request
-        whose range reaches its known end, and each such row's request id."""
+        whose range reaches its known end, and each such row's request id. With ``load_wait``
+        (the step loads KV back from the host tier) attention waits for each layer's."""
         if not ids:
             return [], torch.empty(0)
         if self.micro_batch_overlap and len(ids) > 1 and rows is None:
-            return self._micro_batch_logits(ids, n_sched, n_comp)  # progress only at the end
+            return self._micro_batch_logits(ids, n_sched, n_comp, load_wait)  # progress only at the end
         inp = self._prepare(ids, n_sched, n_comp, rows)
         if self.kv_pool is not None and progress:
             layer_done = self.kv_pool.layer_done
             inp.meta.on_layer_stored = lambda index: layer_done(index + 1)
-        if self.graphs is not None and inp.meta.all_decode and self.graphs.bucket_for(len(ids)):
+        inp.meta.wait_for_layer = load_wait
+        if (self.graphs is not None and inp.meta.all_decode and load_wait is None
+                and self.graphs.bucket_for(len(ids))):
             m = inp.meta
             logits = self.graphs.run(inp.input_ids, inp.positions, m.slot_mapping,
                                      m.decode_block_tables, m.decode_seq_lens)
@@ -265,12 +279,14 @@ class ModelRunner:
             self.hidden_sink(ids, n_comp, n_sched, hidden)
         return inp.sample_req_ids, self.model.compute_logits(hidden[inp.sample_rows])
 
-    def _micro_batch_logits(self, ids, n_sched, n_comp) -> tuple[list[str], torch.Tensor]:
+    def _micro_batch_logits(self, ids, n_sched, n_comp, load_wait=None) -> tuple[list[str], torch.Tensor]:
         """Two micro-batches of about equal token counts, run overlapped."""
         half = int(np.searchsorted(np.cumsum(n_sched), sum(n_sched) / 2)) + 1
         half = min(max(half, 1), len(ids) - 1)
         parts = [self._prepare(ids[:half], n_sched[:half], n_comp[:half]),
                  self._prepare(ids[half:], n_sched[half:], n_comp[half:])]
+        for part in parts:
+            part.meta.wait_for_layer = load_wait
         hiddens = self.model.forward_micro_batches(
             [(p.input_ids, p.positions, p.meta) for p in parts], self.tp)
         logits = [self.model.compute_logits(h[p.sample_rows]) for h, p in zip(hiddens, parts)]
