@@ -4,13 +4,13 @@
   over the read bandwidth (``read_bandwidth``: summing a 1 GiB tensor). One step reads
   every weight once, the input embedding aside (one row of it).
 - Compute bound of a workload (batched): the FLOPs it needs over the matmul rate
-  (``matmul_rate``: a large bf16 GEMM with every thread). The FLOPs (``workload_flops``):
+  (``matmul_rate``: a large GEMM in the serving dtype with every thread). The FLOPs (``workload_flops``):
   2 per weight per token for the layers' linears, the output head once per prompt (its
   last position) and once per generated token, and causal attention (QKᵀ and PV: 4 ×
   layers × heads × head_dim per token per earlier position).
 
 Both come from the config, so a GGUF file and a safetensors directory of one shape get
-the same bound (counted at ``bytes_per_weight``: 2 for bf16).
+the same bound (counted at ``bytes_per_weight``: 2 for bf16, 4 for float32, 34/32 for Q8_0).
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@
 Both servers get the same requests through ``bench.w2_online.http_request`` (streamed
 ``/v1/completions`` with token-id prompts, greedy, EOS ignored). llama.cpp is built from
 source and the checkpoint converted to GGUF by ``bench.llamacpp``; both use 2 threads
-(this machine's cores) and bf16 weights unless ``--gguf`` names another file. With
-``--gguf-type q8_0`` both serve the same Q8_0 file: xllm with ``--quantization q8_0``,
-which keeps the file's blocks (bf16 activations; the bound counts 34 bytes per 32 weights).
+(this machine's cores) and the weights of ``--gguf-type``: ``bf16`` (xllm ``--dtype
+bfloat16``), ``f32`` (``--dtype float32``) or ``q8_0``, where both serve the same Q8_0 file
+(xllm with ``--quantization q8_0``, which keeps the file's blocks; activations in the
+dtype ``--dtype auto`` picks). The bounds count the bytes and the GEMM rate of that type
+(``WEIGHTS``: 2, 4 and 34/32 bytes per weight).
 
 - W3 single stream: a prompt of 32 random tokens (new each round), 128 output tokens,
   the two servers and the read-bandwidth measurement alternating; medians. The bandwidth
@@ -16,7 +18,7 @@ which keeps the file's blocks (bf16 activations; the bound counts 34 bytes per 3
 - W1 batched: W1's requests (prompt 64–512, output 32–256) sent by ``--clients`` closed-
   loop clients; llama.cpp once per slot count in ``--slots`` (its best is the ratio's
   denominator); xllm before and after it. The compute bound is the workload's FLOPs over
-  the bf16 GEMM rate measured in the run (``bench.bounds``).
+  the GEMM rate measured in the run in the serving dtype (``bench.bounds``).
 - W2 online: the same requests at Poisson rates; llama.cpp at its best W1 slot count.
 """
 
@@ -28,11 +30,11 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from dataclasses import dataclass
-
 import aiohttp
+import torch
 import uvloop
 
 from xllm.sdk import AsyncClient
@@ -92,6 +94,27 @@ async def one(server: Server, req: BenchRequest):
         return await http_request(session, server.url, server.model, req, extra=server.extra)
 
 
+@dataclass(frozen=True)
+class Weights:
+    """A ``--gguf-type``: how xllm serves it, the bytes a weight takes, the name in the notes."""
+
+    name: str
+    xllm_dtype: str  # xllm's --dtype
+    bytes_per_weight: float
+
+    def compute_dtype(self) -> str:
+        """The dtype xllm's matmuls run in (``auto``: what ``--dtype auto`` picks for a 16-bit file)."""
+        if self.xllm_dtype != "auto":
+            return self.xllm_dtype
+        from xllm.platform import serving_dtype
+
+        return serving_dtype({"dtype": "bfloat16"})
+
+
+WEIGHTS = {"bf16": Weights("bf16", "bfloat16", 2.0), "f32": Weights("f32", "float32", 4.0),
+           "q8_0": Weights("Q8_0", "auto", 34 / 32)}
+
+
 def warm(server: Server) -> None:
     """A few short requests, so first-step costs are paid before anything is timed."""
     reqs = [BenchRequest(list(range(200 + i, 264 + i)), 8) for i in range(4)]
@@ -105,6 +128,7 @@ def llama(server: LlamaServer) -> Server:
 
 def w3(args, xllm: Server, address: str, gguf: Path, shape: Shape, vocab: int) -> None:
     q8 = args.gguf_type == "q8_0"
+    weights = WEIGHTS[args.gguf_type]
     rng = random.Random(args.seed)
     runs = {"xllm": [], "llama.cpp": []}
     bws = []
@@ -119,7 +143,7 @@ def w3(args, xllm: Server, address: str, gguf: Path, shape: Shape, vocab: int) -
                 runs[name].append((rec.ttft, rec.tpot, rec.e2el))
             bws.append(read_bandwidth())
     bw = statistics.median(bws)
-    step_bytes = shape.decode_bytes(34 / 32 if q8 else 2.0)
+    step_bytes = shape.decode_bytes(weights.bytes_per_weight)
     bound = bw / step_bytes  # tokens/s
     rows, tps = [], {}
     for name, r in runs.items():
@@ -133,7 +157,7 @@ def w3(args, xllm: Server, address: str, gguf: Path, shape: Shape, vocab: int) -
         f"128 output tokens; medians of {args.repeats} rounds (xllm, llama.cpp, bandwidth alternating); "
         "2 threads each; streamed /v1/completions",
         f"read bandwidth {bw / 1e9:.1f} GB/s (sum of a 1 GiB tensor); a decode step reads "
-        f"{step_bytes / 1e6:.0f} MB of {'Q8_0' if q8 else 'bf16'} weights"
+        f"{step_bytes / 1e6:.0f} MB of {weights.name} weights"
         + (f"; xllm serves {gguf.name} too (--quantization q8_0)" if q8 else ""),
         f"xllm / llama.cpp (decode tok/s): {tps['xllm'] / tps['llama.cpp']:.2f}×"])
 
@@ -142,7 +166,8 @@ def w1(args, xllm: Server, address: str, gguf: Path, shape: Shape, vocab: int) -
     """Batched runs; returns llama.cpp's best slot count."""
     requests = offline_requests(args.requests, vocab, args.seed)
     flops = workload_flops(shape, requests)
-    rate = matmul_rate()
+    dtype = WEIGHTS[args.gguf_type].compute_dtype()
+    rate = matmul_rate(dtype=getattr(torch, dtype))
     bound_s = flops / rate
     results = []  # (system, slots, output tokens, seconds)
 
@@ -170,7 +195,7 @@ def w1(args, xllm: Server, address: str, gguf: Path, shape: Shape, vocab: int) -
         f"output 32–256, seed {args.seed}) from {args.clients} closed-loop clients over streamed "
         "/v1/completions; 2 threads each; xllm before and after llama.cpp (prefix cache cleared)",
         f"compute bound {bound_s:.1f} s: the workload's {flops / 1e12:.2f} TFLOP (bench.bounds) over "
-        f"{rate / 1e9:.0f} GFLOP/s (a 2048³ bf16 GEMM, measured in this run)"])
+        f"{rate / 1e9:.0f} GFLOP/s (a 2048³ {dtype} GEMM, measured in this run)"])
     return best[1]
 
 
@@ -204,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--workloads", default="w3,w1,w2", help="comma list of w3, w1, w2")
     p.add_argument("--gguf", default="", help="llama.cpp's file (default: the checkpoint converted to --gguf-type)")
-    p.add_argument("--gguf-type", default="bf16", help="bf16, f32 or q8_0")
+    p.add_argument("--gguf-type", default="bf16", choices=sorted(WEIGHTS), help="the weights both serve")
     p.add_argument("--repeats", type=int, default=5, help="W3 rounds")
     p.add_argument("--requests", type=int, default=96, help="W1 requests")
     p.add_argument("--clients", type=int, default=32, help="W1 concurrent clients")
@@ -223,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     # NOTE: with Q8_0 xllm serves llama.cpp's file itself, its blocks kept as they are
     same_file = ["--quantization", "q8_0"] if args.gguf_type == "q8_0" else []
-    launch = ["--dtype", "bfloat16", *same_file, *shlex.split(args.launch_args), "--http-port", str(port)]
+    launch = ["--dtype", WEIGHTS[args.gguf_type].xllm_dtype, *same_file, *shlex.split(args.launch_args), "--http-port", str(port)]
     with deployment(gguf if same_file else model_dir, launch) as dep:
         xllm = Server(f"http://127.0.0.1:{port}/v1/completions", served_name(dep.address))
         warm(xllm)
