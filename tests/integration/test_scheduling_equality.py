@@ -42,6 +42,9 @@ VARIANTS = {
     "tiers-host": ("--num-kv-blocks", "20", "--block-size", "8", "--kv-host-memory", "0.001"),
     "tiers-disk": ("--num-kv-blocks", "20", "--block-size", "8", "--kv-host-memory", "0.00004",
                    "--kv-disk-dir", "{tmp}/disk", "--kv-disk-size", "0.001"),
+    # drafts verified while prefixes come back from host memory (a load and a verify in one step)
+    "tiers-spec": ("--num-kv-blocks", "20", "--block-size", "8", "--kv-host-memory", "0.001",
+                   "--speculative", "suffix", "--speculative-max-batch", "64"),
 }
 
 
@@ -102,6 +105,8 @@ def test_variant_output_equals_the_reference(variant, reference, tmp_path):
         assert (stats["prefix_cache_hits"] > 0) == (variant != "async")
     if variant == "plain":
         assert stats["prefix_cache_hits"] == 0
+    if variant == "tiers-spec":
+        assert stats["spec_accepted_tokens"] > 0
     if variant.startswith("tiers"):  # the second round found prefixes below the device pool
         assert stats["kv_host_loaded_blocks"] > 0 and stats["kv_tier_errors"] == 0
     if variant == "tiers-disk":
