@@ -35,7 +35,7 @@ def deployment(model_dir: Path, launch_args: list[str], label: str = "xllm") -> 
     print(f"launching {label}: xllm-launch --model {model_dir} {' '.join(launch_args)}", flush=True)
     try:
         t0 = time.perf_counter()
-        with launch(model_dir, run_dir, *launch_args) as dep:
+        with launch(model_dir, run_dir, *launch_args, timeout=1800.0) as dep:  # a cold compile on a busy machine
             print(f"  ready in {time.perf_counter() - t0:.1f} s: "
                   + ", ".join(f"{k} pid {v}" for k, v in dep.pids.items()), flush=True)
             yield dep

@@ -29,12 +29,15 @@ time loading), from ``stats``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
 import random
 import shlex
 import socket
 import sys
 import tempfile
+from pathlib import Path
 
 import uvloop
 
@@ -74,25 +77,47 @@ def tier_flags(mode: str, working_set: int, block_bytes: int, instances: int) ->
     return ["--kv-host-memory", gib(working_set // 4), "--kv-disk-dir", disk, "--kv-disk-size", gib(2 * working_set)]
 
 
-async def run(dep, port: int, model: str, users, output_len: int, think, vocab: int, label: str) -> dict:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU time (user + system) each of the deployment's workers and KV agents has used."""
+    out = {}
+    for name, pid in pids.items():
+        if "worker" in name or "kv-agent" in name:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+async def run(dep, port: int, model: str, users, output_len: int, think, vocab: int, label: str,
+              start: asyncio.Barrier | None = None) -> dict:
     async with AsyncClient(dep.address) as client:
         await warm_up(client, vocab)
         while not await client.call("reset_prefix_cache"):  # the warm-up's last copies may still run
             await asyncio.sleep(0.05)
+        if start is not None:
+            await start.wait()  # side by side: every run's conversations start together
         before = await client.call("stats")
+        cpu0, load0 = cpu_seconds(dep.pids), os.getloadavg()[0]
         records, wall = await chat(f"http://127.0.0.1:{port}/v1/completions", model, [], users, output_len,
                                    think, label)
+        cpu1, load1 = cpu_seconds(dep.pids), os.getloadavg()[0]
         after = await client.call("stats")
+    # NOTE: the machine is shared: how much CPU the engine got (and the load) says how far a
+    # run's times are the engine's own
+    cpu = {k: cpu1[k] - cpu0[k] for k in cpu1}
+    worker = sum(v for k, v in cpu.items() if "worker" in k) / wall
+    agent = sum(v for k, v in cpu.items() if "kv-agent" in k) / wall
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in (
         "prefix_cache_queries", "prefix_cache_hits", "kv_host_loaded_blocks", "kv_disk_fetched_blocks",
-        "kv_disk_failed_blocks", "kv_load_seconds", "kv_load_wait_seconds", "kv_fetch_seconds", "num_preemptions")}
+        "kv_disk_failed_blocks", "kv_load_seconds", "kv_load_wait_seconds", "kv_fetch_seconds", "num_preemptions",
+        "num_steps", "total_scheduled_tokens")}
     first = [conv[0] for conv in records]
     later = [r for conv in records for r in conv[1:]]
     load = delta["kv_load_seconds"]
     return {"ttft_later": stats([r.ttft for r in later]), "ttft_first": stats([r.ttft for r in first]),
             "throughput": sum(r.output_tokens for conv in records for r in conv) / wall, "wall": wall,
             "hit_rate": delta["prefix_cache_hits"] / max(delta["prefix_cache_queries"], 1),
-            "hidden": 1.0 - delta["kv_load_wait_seconds"] / load if load else float("nan"), **delta}
+            "hidden": 1.0 - delta["kv_load_wait_seconds"] / load if load else float("nan"),
+            "worker_cores": worker, "agent_cores": agent, "load": (load0, load1), **delta}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instances", type=int, default=1)
     p.add_argument("--views", default="tier-aware", help="router views to compare (with --instances > 1)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="run every mode at once, each in its own deployment (on a shared machine, each then "
+                        "meets the same load from other jobs; give each worker its share of the cores with "
+                        "--launch-args '--threads-per-worker 1')")
     add_launch_args(p)
     args = p.parse_args(argv)
     model_dir = resolve_model(args.model)
@@ -124,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     device = math.ceil(args.pool_share * working_set / args.instances)
     block_bytes = _block_bytes(model_dir, args.dtype, args.block_size)
 
-    runs = {}
+    configs = []  # (label, port, flags)
     for mode in args.modes.split(","):
         for view in args.views.split(","):
             port = _free_port()
@@ -133,20 +162,38 @@ def main(argv: list[str] | None = None) -> int:
                      *tier_flags(mode, working_set, block_bytes, args.instances), *shlex.split(args.launch_args)]
             if VIEWS[view] is not None:
                 flags += ["--router-tier-weights", VIEWS[view]]
-            label = mode if args.instances == 1 else f"{mode}, {view}"
-            with deployment(model_dir, flags, label) as dep:
-                runs[label] = r = uvloop.run(run(dep, port, model_dir.name, users, args.output_len, think, vocab,
-                                                 label))
-            print(f"{label}: returning-turn TTFT mean {r['ttft_later']['mean'] * 1000:.0f} ms, "
-                  f"{r['throughput']:.1f} tok/s, hidden {r['hidden']:.1%}", flush=True)
+            configs.append((mode if args.instances == 1 else f"{mode}, {view}", port, flags))
+    one = lambda dep, port, label, start=None: run(  # noqa: E731
+        dep, port, model_dir.name, users, args.output_len, think, vocab, label, start)
+
+    runs = {}
+    if args.side_by_side:
+        with contextlib.ExitStack() as stack:
+            deps = [stack.enter_context(deployment(model_dir, flags, label)) for label, _, flags in configs]
+
+            async def together():
+                start = asyncio.Barrier(len(configs))
+                return await asyncio.gather(*(one(dep, port, label, start)
+                                              for dep, (label, port, _) in zip(deps, configs)))
+            runs = dict(zip((label for label, _, _ in configs), uvloop.run(together())))
+    for label, port, flags in configs if not args.side_by_side else []:
+        with deployment(model_dir, flags, label) as dep:
+            runs[label] = uvloop.run(one(dep, port, label))
+    for label, r in runs.items():
+        print(f"{label}: returning-turn TTFT mean {r['ttft_later']['mean'] * 1000:.0f} ms, "
+              f"{r['throughput']:.1f} tok/s, hidden {r['hidden']:.1%}, preemptions {r['num_preemptions']}, "
+              f"steps {r['num_steps']}, worker {r['worker_cores']:.2f} cores, agent {r['agent_cores']:.3f}, "
+              f"load {r['load'][0]:.1f} -> {r['load'][1]:.1f}", flush=True)
 
     rows = [[label, r["ttft_later"]["mean"] * 1000, r["ttft_later"]["median"] * 1000, r["ttft_later"]["p99"] * 1000,
              r["ttft_first"]["mean"] * 1000, r["throughput"], f"{r['hit_rate']:.1%}", r["kv_host_loaded_blocks"],
-             r["kv_disk_fetched_blocks"], "" if r["hidden"] != r["hidden"] else f"{r['hidden']:.1%}"]
+             r["kv_disk_fetched_blocks"], "" if r["hidden"] != r["hidden"] else f"{r['hidden']:.1%}",
+             r["num_preemptions"], f"{r['worker_cores']:.2f}", f"{r['agent_cores']:.3f}",
+             f"{r['load'][0]:.1f} → {r['load'][1]:.1f}"]
             for label, r in runs.items()]
     body = table(["run", "returning TTFT mean ms", "median ms", "p99 ms", "first-turn TTFT mean ms",
                   "output tok/s", "prefix hit rate", "blocks from host", "blocks from disk",
-                  "load-back hidden"], rows)
+                  "load-back hidden", "preemptions", "worker cores", "agent cores", "load average"], rows)
     notes = [f"model {model_dir.name} ({args.dtype}), {args.instances} instance(s) of 1 worker, device pool "
              f"{device} blocks of {args.block_size} tokens each: {args.pool_share:g} of the working set "
              f"({working_set} blocks: {args.conversations} final histories of {final} tokens)",
@@ -154,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
              f"time; first message {args.first_len} tokens, later ones {args.user_len}, answers {args.output_len} "
              "(greedy, EOS ignored), over HTTP with token-id prompts",
              "host: a host tier of twice the working set; disk: a host tier of a quarter of it over a disk tier "
-             "of twice it; hidden = 1 − workers' wait for loads / the agent's load time"]
+             "of twice it; hidden = 1 − workers' wait for loads / the agent's load time",
+             "worker / agent cores: the CPU time the instance's worker (its KV agent) used over the run's wall "
+             "time; the machine is shared, so a run whose worker got less CPU ran on a busier machine "
+             "(load average at the start → end of the run)"]
+    if args.side_by_side:
+        notes.append("side by side: the modes ran at the same time, each in its own deployment, their "
+                     "conversations starting together (same workload, same machine load, the cores shared)")
     base = runs.get("recompute") or next((r for k, r in runs.items() if k.startswith("recompute")), None)
     if base is not None:
         for label, r in runs.items():

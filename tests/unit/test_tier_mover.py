@@ -13,7 +13,7 @@ from xllm.block_hash import ROOT_HASH, hash_block
 from xllm.kv_transfer.disk_tier import DiskTier
 from xllm.kv_transfer.host_tier import HostTier
 from xllm.kv_transfer.pool import SharedKVPool
-from xllm.kv_transfer.tier_mover import TierMover
+from xllm.kv_transfer.tier_mover import LOAD_LOOK_S, LOOK_S, STORE_LOOK_S, TierMover
 from xllm.protocol import KVTierOp, KVTierOrder
 
 LAYERS, BLOCKS, BB, BS = 3, 8, 32, 4
@@ -116,6 +116,33 @@ def test_stores_wait_for_their_step_and_loads_are_written_while_theirs_runs(pool
     assert all(pool.loaded(3, layer) for layer in range(LAYERS)) and not pool.loaded(4, 0)
     for layer in range(LAYERS):
         assert (pool.data[layer, 0, 6] == 20 + layer).all() and (pool.data[layer, 1, 6] == 120 + layer).all()
+
+
+def test_the_agent_looks_finely_only_when_a_load_is_about_to_be_needed(pool):
+    """The agent shares the cores with the workers: it looks at their progress every
+    100 us only once the step before a load's has stored its last layer, every ms while
+    that step computes or while a store has a load behind it, rarely for stores alone,
+    and not at all with nothing to do."""
+    host = HostTier(4, [pool])
+    mover = TierMover([pool], host, None, BS)
+    assert mover.next_look() is None
+    h, parent, tokens = block([1, 2, 3, 4])
+    mover.accept(KVTierOrder(1, 1, [store(h, parent, tokens, 2, 3)]))
+    pool.start_step(1)
+    assert mover.advance() == [] and mover.next_look() == STORE_LOOK_S  # only a store waits
+    mover.accept(KVTierOrder(2, 2, [KVTierOp("load", h, 3, 6)]))
+    assert mover.next_look() == LOOK_S  # a load waits behind the store
+    pool.layer_done(LAYERS)
+    assert [d.job_id for d in mover.advance()] == [1]
+    assert mover.next_look() == LOAD_LOOK_S  # step 1 stored its last layer: step 2 starts soon
+    mover.accept(KVTierOrder(3, 4, [KVTierOp("load", h, 3, 7)]))
+    pool.start_step(2)
+    assert [d.job_id for d in mover.advance()] == [2]
+    assert mover.next_look() == LOOK_S  # step 3 (before the load's step 4) has not even started
+    run_step(pool, 3)
+    assert mover.next_look() == LOAD_LOOK_S
+    pool.start_step(4)
+    assert [d.job_id for d in mover.advance()] == [3] and mover.next_look() is None
 
 
 def test_orders_run_in_order_so_a_slot_is_spilled_before_it_is_overwritten(pool, tmp_path):

@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 ATTACH_TIMEOUT_S = 600.0  # the workers create the pools while they load (a bound, not a wait)
 POLL_MS = 1  # how often layer progress is looked at while a send is pending
 FLUSH_S = 2.0  # a clean stop writes host blocks to the disk tier for at most this long
-LOAD_POLL_S = 100e-6  # how often the workers' progress is looked at while a tier load waits for its step
 
 
 @dataclass
@@ -165,15 +164,18 @@ class KVAgentActor(Actor):
                 await self._on_message(msg)
             await self._push_ready_layers()
             await self._complete_finished()
+            look = None  # seconds until progress is worth looking at again; None: a message wakes us
             if self.tiers is not None:
                 for done in self.tiers.advance():
                     await self.to_scheduler.send(done)
-            if self.tiers is not None and self.tiers.loads_waiting:
-                time.sleep(LOAD_POLL_S)  # NOTE: finer than the event loop's millisecond timers
+                look = self.tiers.next_look()
+            if self.steps:
+                look = min(look or POLL_MS / 1000, POLL_MS / 1000)
+            if look is not None and look < 1e-3:
+                time.sleep(look)  # NOTE: finer than the event loop's millisecond timers
                 await asyncio.sleep(0)
                 continue
-            busy = self.steps or (self.tiers is not None and self.tiers.busy)
-            await poller.poll(POLL_MS if busy else None)
+            await poller.poll(None if look is None else round(look * 1000))
 
     # -- messages ---------------------------------------------------------------------------
     async def _on_message(self, msg) -> None:

@@ -38,6 +38,9 @@ from .pool import SharedKVPool
 log = logging.getLogger(__name__)
 
 MAX_STEPS_AHEAD = 64  # an order for a step this far past the workers' is refused (nothing waits that long)
+LOAD_LOOK_S = 100e-6  # how often progress is looked at when a load's step is about to start
+LOOK_S = 1e-3  # ... when a load waits for a step still computing, or a store has loads behind it
+STORE_LOOK_S = 10e-3  # ... when only stores wait (for their step to store its KV)
 
 
 @dataclass
@@ -72,6 +75,29 @@ class TierMover:
         """True while the next thing to do is a load waiting for its step to start (the
         workers will wait for it soon: look again quickly)."""
         return bool(self.jobs) and self.jobs[0].next_op < self.jobs[0].num_loads
+
+    def next_look(self) -> float | None:
+        """Seconds until the workers' progress is worth looking at again (after
+        ``advance``); None when no order waits for it (the next message wakes the agent).
+
+        NOTE: the agent shares the machine with the workers, and every look costs a turn
+        of its loop, so it looks finely only where a worker may be waiting: a load is
+        written while its step runs and attention waits for it, so once the step before
+        has stored its last layer (only sampling is left of it) the agent looks every
+        ``LOAD_LOOK_S``; before that, every ``LOOK_S``. A store delays nothing but the
+        loads queued behind it (its blocks stay held a little longer), so with none
+        queued it is looked at every ``STORE_LOOK_S``."""
+        if not self.jobs:
+            return None
+        job = self.jobs[0]
+        if job.next_op < job.num_loads:
+            step, layers = self.pools[0].progress()
+            before = job.order.step_id - 1
+            return LOAD_LOOK_S if step > before or (step == before and layers >= self.pools[0].num_layers) \
+                else LOOK_S
+        if any(j.num_loads for j in self.jobs):
+            return LOOK_S
+        return STORE_LOOK_S
 
     def accept(self, order: KVTierOrder) -> str:
         """Queue ``order``; returns "" or why it is refused (nothing of it is then done)."""
