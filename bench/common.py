@@ -219,7 +219,7 @@ def machine() -> str:
 def command_line() -> str:
     """The command that is running, as a user would type it."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
-    head = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
+    head = f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None else f"python {sys.argv[0]}"
     return head + "".join(f" '{a}'" if " " in a or not a else f" {a}" for a in sys.argv[1:])
 
 

@@ -68,3 +68,18 @@ def test_a_real_runner_measures_its_profile_once_and_reads_it_back(make_tiny, tm
     assert not runner.requests  # measuring left no request behind
     other = cache_key(model, SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128), cache, 1, 1, False)
     assert other != key  # other limits, another profile
+
+
+def test_with_no_time_to_spare_the_prompts_serving_sees_most_are_still_measured(make_tiny, tmp_path, monkeypatch):
+    from xllm.worker.model_runner import ModelRunner
+    from xllm.worker.profiler import Profiler, cache_key, load_or_measure
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    path = make_tiny("tiny-llama")
+    model, cache = ModelConfig(str(path), max_model_len=512), CacheConfig(block_size=16, num_blocks=128)
+    sched = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=128)
+    runner = ModelRunner(model, cache, read_hf_config(path))
+    key = cache_key(model, sched, cache, threads=1, tp_size=1, graphs=False)
+    prof = load_or_measure(Profiler(runner, sched, cache, model.max_model_len, budget_s=0.0), key, write=True)
+    assert prof.max_prompt == 256  # every length below the context, though the budget is spent at once
+    assert prof.max_batch == 1  # batches are cut by the budget

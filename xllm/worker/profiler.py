@@ -14,8 +14,9 @@ progress counter (``xllm.kv_transfer.pool``) must never run ahead of the schedul
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -32,7 +33,8 @@ from ..protocol import InstanceProfile, NewRequestData, SamplingParams, StepPlan
 
 log = logging.getLogger(__name__)
 
-PROMPTS = (16, 32, 64, 128, 256, 512, 1024, 2048)  # prompt lengths tried, while the budget lasts
+PROMPTS = (16, 32, 64, 128, 256, 512, 1024, 2048)  # prompt lengths tried
+ALWAYS = 1024  # prompts up to this long are measured whatever the budget (the fit must not guess there)
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 CONTEXTS = (16, 128, 512, 1024)  # per request
 BUDGET_S = 6.0  # measuring stops growing the prompts and batches past this (the fit extrapolates)
@@ -69,7 +71,8 @@ class Profiler:
                 break
             took = self._timed(lambda: self._prefill(n))
             samples.append((n, took))
-            if self.decide(time.perf_counter() + 2.5 * took > deadline):  # the next takes 2-4 times longer
+            # NOTE: the next length takes 2-4 times longer
+            if n >= ALWAYS and self.decide(time.perf_counter() + 2.5 * took > deadline):
                 break
         if len(samples) < 3:  # a fit needs three points: add shorter prompts
             samples += [(n, self._timed(lambda: self._prefill(n))) for n in (4, 8) if n < self.max_len]
@@ -161,7 +164,30 @@ def load_or_measure(profiler: Profiler, key: str, write: bool, agree=lambda cach
     """The cached profile for ``key``, else a new measurement (cached when ``write``).
 
     ``agree(cached)`` is True only if every rank of the instance has the cache: the ranks
-    of one instance measure together or not at all (their plans meet in collectives)."""
+    of one instance measure together or not at all (their plans meet in collectives).
+    ``write`` (rank 0) also holds the host's lock meanwhile: instances of one host measure
+    one at a time, so none times its steps while another takes the cores, and those with
+    the same key find the first one's profile in the cache."""
+    with _host_lock(write):
+        return _load_or_measure(profiler, key, write, agree)
+
+
+@contextlib.contextmanager
+def _host_lock(take: bool):
+    if not take:
+        yield
+        return
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # NOTE: released when the process ends, however it ends
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_or_measure(profiler: Profiler, key: str, write: bool, agree) -> InstanceProfile:
     path = cache_dir() / f"{key}.json"
     try:
         cached = msgspec.json.decode(path.read_bytes(), type=InstanceProfile)
