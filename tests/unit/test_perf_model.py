@@ -83,3 +83,19 @@ def test_with_no_time_to_spare_the_prompts_serving_sees_most_are_still_measured(
     prof = load_or_measure(Profiler(runner, sched, cache, model.max_model_len, budget_s=0.0), key, write=True)
     assert prof.max_prompt == 256  # every length below the context, though the budget is spent at once
     assert prof.max_batch == 1  # batches are cut by the budget
+
+
+def test_a_gguf_checkpoint_has_a_profile_key(tmp_path):
+    """A GGUF model (a file, or a directory holding one and no config.json) is keyed by its file:
+    starting an instance on one must not fail for want of a config.json."""
+    from xllm.worker.profiler import cache_key
+
+    folder = tmp_path / "smol"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+    sched, cache = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=128), CacheConfig(block_size=16)
+    by_dir = cache_key(ModelConfig(str(folder)), sched, cache, 1, 1, True)
+    assert by_dir == cache_key(ModelConfig(str(folder / "model.gguf")), sched, cache, 1, 1, True)
+    assert by_dir != cache_key(ModelConfig(str(folder), quantization="q8_0"), sched, cache, 1, 1, True)
+    (folder / "model.gguf").write_bytes(b"GGUF" + bytes(80))  # another checkpoint in its place
+    assert by_dir != cache_key(ModelConfig(str(folder)), sched, cache, 1, 1, True)

@@ -28,6 +28,7 @@ import msgspec
 import torch
 
 from ..config import CacheConfig, ModelConfig, SchedulerConfig
+from ..models.loader import gguf_path
 from ..perf_model import fit_profile
 from ..protocol import InstanceProfile, NewRequestData, SamplingParams, StepPlan
 
@@ -135,10 +136,13 @@ def cache_key(model: ModelConfig, sched: SchedulerConfig, cache: CacheConfig, th
     """What the measured times depend on: the checkpoint, dtype, threads, the chunk and batch
     limits, compiled graphs or not, the torch build and the CPU."""
     path = Path(model.path)
-    stat = path.stat()
-    config = (path / "config.json") if path.is_dir() else path
-    parts = [str(path.resolve()), str(stat.st_mtime_ns), config.read_bytes().hex() if config.suffix == ".json"
-             else str(config.stat().st_size), model.dtype, str(model.max_model_len), str(threads), str(tp_size),
+    gguf = gguf_path(path)
+    # a Hugging Face directory is its config; a GGUF checkpoint (file, or directory holding one) its file
+    checkpoint = gguf if gguf is not None else path / "config.json"
+    stat = checkpoint.stat()
+    parts = [str(checkpoint.resolve()), str(stat.st_mtime_ns), str(stat.st_size),
+             checkpoint.read_bytes().hex() if gguf is None else "", model.dtype, model.quantization,
+             str(model.max_model_len), str(threads), str(tp_size),
              str(graphs), str(sched.max_num_batched_tokens), str(sched.max_num_seqs), str(cache.block_size),
              torch.__version__, platform.processor(), _cpu_model()]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
