@@ -58,7 +58,11 @@ class WorkerActor(Actor):
         hf = read_hf_config(self.cfg.model.path)
         # NOTE: graphs are single-rank for now: collectives stay eager (tp > 1 runs eagerly)
         eager = self.cfg.model.enforce_eager or self.instance.tp_size > 1
-        buckets = None if eager else default_buckets(self.cfg.scheduler.max_num_seqs)
+        rows = self.cfg.scheduler.max_num_seqs
+        spec = self.cfg.speculative
+        if spec.method:  # verification steps run as decode rows: every draft is a row
+            rows = max(rows, min(rows, spec.max_batch) * (spec.num_tokens + 1))
+        buckets = None if eager else default_buckets(rows)
         # NOTE: built and compiled on this (the main) thread, the one that runs the steps:
         # thread counts and packed-weight choices are per thread, and a compiled graph keeps
         # the thread count it was compiled with.

@@ -35,6 +35,8 @@ from .step_inputs import StepInputs, step_inputs
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# a speculative step whose requests compute at most this many tokens each runs as decode rows
+VERIFY_AS_DECODES = 16
 
 
 @dataclass
@@ -258,20 +260,25 @@ class ModelRunner:
             return [], torch.empty(0)
         if self.micro_batch_overlap and len(ids) > 1 and rows is None:
             return self._micro_batch_logits(ids, n_sched, n_comp, load_wait)  # progress only at the end
-        inp = self._prepare(ids, n_sched, n_comp, rows)
+        # a verification step (every range short) runs as decode rows through the graphs:
+        # eagerly, a step of a 30-layer model costs more in Python than in arithmetic
+        as_decodes = (rows is not None and self.graphs is not None and load_wait is None
+                      and max(n_sched) <= VERIFY_AS_DECODES and self.graphs.bucket_for(sum(n_sched)) is not None)
+        inp = self._prepare(ids, n_sched, n_comp, rows, as_decodes)
         if self.kv_pool is not None and progress:
             layer_done = self.kv_pool.layer_done
             inp.meta.on_layer_stored = lambda index: layer_done(index + 1)
         inp.meta.wait_for_layer = load_wait
+        n_rows = len(inp.input_ids)
         if (self.graphs is not None and inp.meta.all_decode and load_wait is None
-                and self.graphs.bucket_for(len(ids))):
+                and self.graphs.bucket_for(n_rows)):
             m = inp.meta
             logits = self.graphs.run(inp.input_ids, inp.positions, m.slot_mapping,
                                      m.decode_block_tables, m.decode_seq_lens)
             if self.hidden_sink is not None:
                 logits, hidden = logits
                 self.hidden_sink(ids, n_comp, n_sched, hidden)
-            if len(inp.sample_req_ids) == len(ids):  # every row samples: rows are 0..n-1, no copy
+            if len(inp.sample_req_ids) == n_rows:  # every row samples: rows are 0..n-1, no copy
                 return inp.sample_req_ids, logits
             return inp.sample_req_ids, logits[inp.sample_rows]
         hidden = self.model(inp.input_ids, inp.positions, inp.meta)
@@ -293,10 +300,10 @@ class ModelRunner:
         return parts[0].sample_req_ids + parts[1].sample_req_ids, torch.cat(logits)
 
     def _prepare(self, ids: list[str], num_scheduled: list[int], num_computed: list[int],
-                 rows: list[int] | None = None) -> StepInputs:
+                 rows: list[int] | None = None, as_decodes: bool = False) -> StepInputs:
         states = [self.requests[r] for r in ids]
         return step_inputs(ids, [s.token_ids for s in states], [s.block_ids for s in states], num_scheduled,
-                           num_computed, self.block_size, rows)
+                           num_computed, self.block_size, rows, as_decodes)
 
 
 class _LogprobRows:

@@ -4,6 +4,12 @@ Each request i computes the tokens at positions ``num_computed[i] ..
 num_computed[i] + num_scheduled[i] - 1`` of its token list; the rows of all requests are
 concatenated. A request whose range reaches the end of its token list samples: its last
 ``rows[i]`` positions (default 1) are the step's sample rows.
+
+With ``as_decodes`` every row is a decode row of its own: it attends to its request's
+cache up to and including its own position. A decode step stores every row's K/V before
+any row attends, so the rows of one request see each other causally: a short range (a
+speculative step's verification) then runs as a decode batch, through the compiled decode
+graphs, with the decode kernel's per-row arithmetic.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ class StepInputs:
 
 def step_inputs(ids: list[str], token_ids: Sequence[Sequence[int]], block_ids: Sequence[Sequence[int]],
                 num_scheduled: list[int], num_computed: list[int], block_size: int,
-                rows: list[int] | None = None) -> StepInputs:
+                rows: list[int] | None = None, as_decodes: bool = False) -> StepInputs:
     """The inputs of one step over requests ``ids`` (their tokens and KV block tables)."""
     n_sched = np.asarray(num_scheduled, dtype=np.int64)
     n_comp = np.asarray(num_computed, dtype=np.int64)
@@ -54,10 +60,21 @@ def step_inputs(ids: list[str], token_ids: Sequence[Sequence[int]], block_ids: S
     return StepInputs(
         input_ids=torch.tensor(tokens, dtype=torch.int64),
         positions=torch.from_numpy(positions),
-        meta=attention_metadata(n_sched, n_comp, starts, ends, table, slots, block_size),
+        meta=(decode_rows_metadata(row_req, positions, table, slots, block_size) if as_decodes
+              else attention_metadata(n_sched, n_comp, starts, ends, table, slots, block_size)),
         sample_rows=torch.from_numpy(sample_rows),
         sample_req_ids=[ids[i] for i, k in zip(sel.tolist(), per.tolist()) for _ in range(k)],
     )
+
+
+def decode_rows_metadata(row_req, positions, table, slots, block_size: int) -> AttentionMetadata:
+    """Every row a decode: row r attends to its request's first ``positions[r] + 1`` slots."""
+    seq_lens = positions + 1
+    blocks_needed = -(-int(seq_lens.max()) // block_size)
+    return AttentionMetadata(slot_mapping=torch.from_numpy(slots), decode_rows=torch.arange(len(positions)),
+                             decode_block_tables=torch.from_numpy(table[row_req, :blocks_needed]),
+                             decode_seq_lens=torch.from_numpy(seq_lens), max_decode_len=int(seq_lens.max()),
+                             all_decode=True)
 
 
 def attention_metadata(n_sched, n_comp, starts, ends, table, slots, block_size: int) -> AttentionMetadata:
