@@ -108,3 +108,31 @@ def test_a_kept_draft_is_followed_by_the_next_rows_distribution():
         assert out[0] == 2 and len(out) == 2
         counts[out[1]] += 1
     assert _chi_square(counts, p[1]) < 20.5  # 5 degrees of freedom, 0.999 quantile
+
+
+def test_drafts_are_verified_only_where_they_raise_tokens_per_second():
+    """With the instance's step-time law, a step keeps the drafts whose expected tokens
+    pay for their rows: all of a request that keeps its drafts where rows are cheap (one
+    stream: the weights are read once for every row), none that may fail where each row
+    costs as much as a step's fixed part, none of a request that keeps none."""
+    from xllm.perf_model import ServiceModel
+    from xllm.protocol import InstanceProfile
+    from xllm.worker.speculative import Speculator
+
+    spec = Speculator(proposer=None)
+    for _ in range(20):
+        spec._observe("good", 4, 4)  # keeps every draft
+        spec._observe("poor", 0, 4)  # keeps none
+    drafts = {"good": [1, 2, 3, 4], "poor": [5, 6, 7, 8]}
+    ctx = {"good": 100, "poor": 100}
+    spec.set_cost(ServiceModel(InstanceProfile((0.0, 0.0, 0.0), (0.020, 0.0005, 0.0))))  # rows cheap
+    cheap = spec.worth_verifying(drafts, rows=2, samplers=2, context=ctx)
+    assert cheap["good"] == [1, 2, 3, 4] and cheap["poor"] == []
+    spec.set_cost(ServiceModel(InstanceProfile((0.0, 0.0, 0.0), (0.002, 0.010, 0.0))))  # rows dear
+    dear = spec.worth_verifying(drafts | {f"r{i}": [9] for i in range(6)}, rows=8, samplers=8,
+                                context=ctx | {f"r{i}": 100 for i in range(6)})
+    # a draft that may fail costs as much as a row that yields a token for sure: dropped; one
+    # certain to be kept is worth a row at any price
+    assert all(not d for rid, d in dear.items() if rid != "good") and spec.mean_rate < 0.9
+    spec.set_cost(None)  # no law (no profile): every draft is verified
+    assert spec.worth_verifying(drafts, rows=2, samplers=2, context=ctx) == drafts

@@ -23,6 +23,7 @@ from ..bus.codec import DecodeError
 from ..config import read_hf_config
 from ..deploy.plan import ActorSpec, DeploymentPlan
 from ..layers.parallel import SINGLE, ProcessGroupComm, TPGroup
+from ..perf_model import ServiceModel
 from ..protocol import ControlCall, ControlReply, StepPlan, WorkerError, WorkerInput
 from .graph_runner import default_buckets
 from .model_runner import ModelRunner
@@ -79,6 +80,8 @@ class WorkerActor(Actor):
                                 decide=lambda flag: _rank0s(tp, flag))
             self.profile = load_or_measure(profiler, key, write=self.rank == 0,
                                            agree=lambda cached: _everyone(tp, cached))
+            if self.runner.speculator is not None:  # drafts are weighed against this step-time law
+                self.runner.speculator.set_cost(ServiceModel(self.profile))
         return {"rank": self.rank, "threads": threads}
 
     def _init_tp(self) -> TPGroup:

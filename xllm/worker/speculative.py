@@ -10,6 +10,14 @@ Every sampling parameter applies to each draft row as it would had the earlier d
 been sampled: processors see the history up to that row, and a seeded request's row j
 draws its randomness from (seed, its output index + j).
 
+With the instance's measured step-time law (``set_cost``, from its profile) a step keeps
+only the drafts that raise its expected tokens per second: draft j of a request is kept
+with probability a^j (a: the fraction of its drafts the request kept lately), and each
+row costs the step ``d1`` plus ``d2`` per context token it attends to. Drafts are taken
+in order of that probability while (tokens + a^j) / (T + cost) beats tokens / T. On a CPU
+a decode step's rows are cheap at batch 1 (the weights are read once for them all) and
+dear at batch 8, where the step is already computing: there, most drafts are dropped.
+
 NOTE: structured-output requests get no drafts (their grammar would have to walk the
 drafts; ``grammar.py`` says how that would go).
 """
@@ -21,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..perf_model import ServiceModel
 from ..spec import Proposer
 from ..spec.verify import verify_greedy, verify_sampled
 from .logits_processors import apply_processors
@@ -44,6 +53,14 @@ class Speculator:
     def __init__(self, proposer: Proposer) -> None:
         self.proposer = proposer
         self.accepted: dict[str, float] = {}  # req id -> recent drafts kept per step (moving mean)
+        self.rate: dict[str, float] = {}  # req id -> recent fraction of its drafts kept (moving mean)
+        self.mean_rate = 0.5  # the same over every request: a new request's prior
+        self.cost: ServiceModel | None = None  # the step-time law; None: every draft is verified
+        self.dropped = 0  # drafts proposed but not worth verifying
+
+    def set_cost(self, model: ServiceModel | None) -> None:
+        """The step-time law drafts are weighed with (the instance's measured profile)."""
+        self.cost = model
 
     def _limit(self, rid: str, room: int) -> int:
         """Drafts to ask for: one more than the request kept lately, within its room (a
@@ -51,12 +68,41 @@ class Speculator:
         recent = self.accepted.get(rid)
         return room if recent is None else max(1, min(room, int(recent) + 2))
 
-    def _observe(self, rid: str, kept: int) -> None:
+    def _observe(self, rid: str, kept: int, proposed: int) -> None:
         recent = self.accepted.get(rid)
         self.accepted[rid] = kept if recent is None else 0.5 * recent + 0.5 * kept
+        frac = kept / proposed
+        rate = self.rate.get(rid)
+        self.rate[rid] = frac if rate is None else 0.7 * rate + 0.3 * frac
+        self.mean_rate = 0.95 * self.mean_rate + 0.05 * frac
 
     def drop(self, rid: str) -> None:
         self.accepted.pop(rid, None)
+        self.rate.pop(rid, None)
+
+    def worth_verifying(self, drafts: dict[str, list[int]], rows: int, samplers: int,
+                        context: dict[str, int]) -> dict[str, list[int]]:
+        """``drafts`` cut to those that raise the step's expected tokens per second. The step
+        without drafts computes ``rows`` tokens and yields ``samplers`` tokens; a request's
+        draft rows attend to about ``context[rid]`` tokens each."""
+        m = self.cost
+        if m is None or not any(drafts.values()):
+            return drafts
+        total_ctx = sum(context.values())
+        t = m.decode_step_s(rows, total_ctx)
+        tokens = float(samplers)
+        # most probable first; a request's drafts in their order (a^j never grows with j)
+        gains = sorted(((self.rate.get(rid, self.mean_rate) ** j, rid, j)
+                        for rid, d in drafts.items() for j in range(1, len(d) + 1)), key=lambda g: (-g[0], g[2]))
+        keep: dict[str, int] = {rid: 0 for rid in drafts}
+        for gain, rid, j in gains:
+            cost = m.d1 + m.d2 * context.get(rid, 0)
+            if j != keep[rid] + 1 or (tokens + gain) * t <= tokens * (t + cost):
+                continue  # not worth it (or its earlier drafts were not)
+            keep[rid], tokens, t = j, tokens + gain, t + cost
+        out = {rid: d[:keep[rid]] for rid, d in drafts.items()}
+        self.dropped += sum(len(d) for d in drafts.values()) - sum(keep.values())
+        return out
 
     def execute(self, runner: "ModelRunner", step_id: int, ranges: list[tuple[str, int, int]],
                 logprobs: "_LogprobRows") -> tuple[list[str], list[int], SpecStats]:
@@ -65,6 +111,10 @@ class Speculator:
         wanted = {rid: self._limit(rid, end - known[rid]) for rid, _, end in ranges
                   if end > known[rid] and runner.requests[rid].sampling.structured is None}
         drafts = {rid: [] for rid in known} | self.proposer.propose(wanted) if wanted else {rid: [] for rid in known}
+        if self.cost is not None:
+            rows = sum(min(end, known[rid]) - start for rid, start, end in ranges)
+            samplers = sum(1 for rid, _, end in ranges if end >= known[rid])
+            drafts = self.worth_verifying(drafts, rows, samplers, known)
         for rid, d in drafts.items():
             runner.requests[rid].token_ids.extend(d)
         try:
@@ -95,7 +145,7 @@ class Speculator:
             out_tokens += kept[:n]
             stats.proposed[rid] = len(d)
             stats.accepted[rid] = len(kept) - 1
-            self._observe(rid, len(kept) - 1)
+            self._observe(rid, len(kept) - 1, len(d))
             if raw is not None:
                 logprobs.add([rid] * n, raw[:n], torch.tensor(kept[:n]))
         return out_ids, out_tokens, stats
