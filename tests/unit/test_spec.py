@@ -111,28 +111,36 @@ def test_a_kept_draft_is_followed_by_the_next_rows_distribution():
 
 
 def test_drafts_are_verified_only_where_they_raise_tokens_per_second():
-    """With the instance's step-time law, a step keeps the drafts whose expected tokens
-    pay for their rows: all of a request that keeps its drafts where rows are cheap (one
-    stream: the weights are read once for every row), none that may fail where each row
-    costs as much as a step's fixed part, none of a request that keeps none."""
+    """With the instance's step times, a step keeps the drafts whose expected tokens pay for
+    their rows: all of a request that keeps its drafts where rows are cheap (one stream: up
+    to 8 rows cost about what one does), none of a request that keeps none, none that may
+    fail where they would push the step into a dearer batch bucket or where every row costs
+    as much as a step's fixed part; without a model, every draft."""
     from xllm.perf_model import ServiceModel
     from xllm.protocol import InstanceProfile
-    from xllm.worker.speculative import Speculator
+    from xllm.worker.graph_runner import DecodeGraphs
+    from xllm.worker.speculative import Speculator, StepCost
+
+    class Graphs:  # measured step times per bucket, as DecodeGraphs keeps them
+        step_seconds = {1: 0.020, 2: 0.020, 4: 0.021, 8: 0.022, 16: 0.045}
+        buckets = sorted(step_seconds)
+        bucket_for = DecodeGraphs.bucket_for
 
     spec = Speculator(proposer=None)
     for _ in range(20):
         spec._observe("good", 4, 4)  # keeps every draft
         spec._observe("poor", 0, 4)  # keeps none
+    law = ServiceModel(InstanceProfile((0.0, 0.0, 0.0), (0.002, 0.010, 1e-7)))
     drafts = {"good": [1, 2, 3, 4], "poor": [5, 6, 7, 8]}
     ctx = {"good": 100, "poor": 100}
-    spec.set_cost(ServiceModel(InstanceProfile((0.0, 0.0, 0.0), (0.020, 0.0005, 0.0))))  # rows cheap
+    spec.set_cost(StepCost(law, Graphs()))
     cheap = spec.worth_verifying(drafts, rows=2, samplers=2, context=ctx)
-    assert cheap["good"] == [1, 2, 3, 4] and cheap["poor"] == []
-    spec.set_cost(ServiceModel(InstanceProfile((0.0, 0.0, 0.0), (0.002, 0.010, 0.0))))  # rows dear
-    dear = spec.worth_verifying(drafts | {f"r{i}": [9] for i in range(6)}, rows=8, samplers=8,
-                                context=ctx | {f"r{i}": 100 for i in range(6)})
-    # a draft that may fail costs as much as a row that yields a token for sure: dropped; one
-    # certain to be kept is worth a row at any price
+    assert cheap == {"good": [1, 2, 3, 4], "poor": []}
+    batch = {f"r{i}": [9, 9] for i in range(8)}  # 8 new requests (the mean's rate), at bucket 8
+    assert all(not d for d in spec.worth_verifying(batch, rows=8, samplers=8,
+                                                   context={r: 100 for r in batch}).values())
+    spec.set_cost(StepCost(law))  # no graphs: the law, where a row costs 5x the fixed part
+    dear = spec.worth_verifying(drafts | batch, rows=10, samplers=10, context=ctx | {r: 100 for r in batch})
     assert all(not d for rid, d in dear.items() if rid != "good") and spec.mean_rate < 0.9
-    spec.set_cost(None)  # no law (no profile): every draft is verified
+    spec.set_cost(None)
     assert spec.worth_verifying(drafts, rows=2, samplers=2, context=ctx) == drafts

@@ -28,6 +28,7 @@ from ..protocol import ControlCall, ControlReply, StepPlan, WorkerError, WorkerI
 from .graph_runner import default_buckets
 from .model_runner import ModelRunner
 from .profiler import Profiler, cache_key, load_or_measure
+from .speculative import StepCost
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class WorkerActor(Actor):
             self.profile = load_or_measure(profiler, key, write=self.rank == 0,
                                            agree=lambda cached: _everyone(tp, cached))
             if self.runner.speculator is not None:  # drafts are weighed against this step-time law
-                self.runner.speculator.set_cost(ServiceModel(self.profile))
+                self.runner.speculator.set_cost(StepCost(ServiceModel(self.profile), self.runner.graphs))
         return {"rank": self.rank, "threads": threads}
 
     def _init_tp(self) -> TPGroup:

@@ -68,6 +68,7 @@ class DecodeGraphs:
         self.pad_block = pad_block
         self._compiled = torch.compile(self._forward, dynamic=False, fullgraph=True)
         self.compile_seconds: dict[int, float] = {}
+        self.step_seconds: dict[int, float] = {}  # a step's time per bucket (padding rows), measured at warm-up
         self.runs: dict[int, int] = {b: 0 for b in self.buckets}  # decode steps served per bucket
 
     def _forward(self, input_ids, positions, slots, block_tables, seq_lens) -> torch.Tensor:
@@ -92,8 +93,16 @@ class DecodeGraphs:
             t0 = time.perf_counter()
             self._run_bucket(b)
             self.compile_seconds[b] = time.perf_counter() - t0
-        log.info("decode graphs ready for batch sizes %s in %.1f s", self.buckets,
-                 sum(self.compile_seconds.values()))
+        for b in self.buckets:  # what a step costs at each bucket (speculation weighs drafts with it)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                self._run_bucket(b)
+                times.append(time.perf_counter() - t0)
+            self.step_seconds[b] = min(times)
+        log.info("decode graphs ready for batch sizes %s in %.1f s (a step: %s ms)", self.buckets,
+                 sum(self.compile_seconds.values()),
+                 ", ".join(f"{b}: {t * 1000:.1f}" for b, t in self.step_seconds.items()))
 
     def _run_bucket(self, b: int) -> torch.Tensor:
         return self._compiled(self.input_ids[:b], self.positions[:b], self.slots[:b],

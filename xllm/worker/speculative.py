@@ -10,13 +10,14 @@ Every sampling parameter applies to each draft row as it would had the earlier d
 been sampled: processors see the history up to that row, and a seeded request's row j
 draws its randomness from (seed, its output index + j).
 
-With the instance's measured step-time law (``set_cost``, from its profile) a step keeps
-only the drafts that raise its expected tokens per second: draft j of a request is kept
-with probability a^j (a: the fraction of its drafts the request kept lately), and each
-row costs the step ``d1`` plus ``d2`` per context token it attends to. Drafts are taken
-in order of that probability while (tokens + a^j) / (T + cost) beats tokens / T. On a CPU
-a decode step's rows are cheap at batch 1 (the weights are read once for them all) and
-dear at batch 8, where the step is already computing: there, most drafts are dropped.
+With a step-time model (``set_cost``: ``StepCost``) a step verifies only the drafts that
+raise its expected tokens per second: draft j of a request is kept with probability a^j
+(a: the fraction of its drafts the request kept lately), drafts are ranked by that
+probability (a request's in their order), and the step takes the number of them whose
+(tokens + expected drafts kept) / (its predicted time) is highest. On a CPU the cost of a
+row is a step function: with compiled graphs a step runs at its batch bucket (rows padded
+up), and up to 8 rows the decode kernel reads the weights once for all of them, so one
+stream verifies its drafts nearly for free while at batch 8 a row costs what it yields.
 
 NOTE: structured-output requests get no drafts (their grammar would have to walk the
 drafts; ``grammar.py`` says how that would go).
@@ -55,12 +56,12 @@ class Speculator:
         self.accepted: dict[str, float] = {}  # req id -> recent drafts kept per step (moving mean)
         self.rate: dict[str, float] = {}  # req id -> recent fraction of its drafts kept (moving mean)
         self.mean_rate = 0.5  # the same over every request: a new request's prior
-        self.cost: ServiceModel | None = None  # the step-time law; None: every draft is verified
+        self.cost: StepCost | None = None  # predicted step times; None: every draft is verified
         self.dropped = 0  # drafts proposed but not worth verifying
 
-    def set_cost(self, model: ServiceModel | None) -> None:
-        """The step-time law drafts are weighed with (the instance's measured profile)."""
-        self.cost = model
+    def set_cost(self, cost: "StepCost | None") -> None:
+        """The step-time model drafts are weighed with."""
+        self.cost = cost
 
     def _limit(self, rid: str, room: int) -> int:
         """Drafts to ask for: one more than the request kept lately, within its room (a
@@ -83,26 +84,28 @@ class Speculator:
     def worth_verifying(self, drafts: dict[str, list[int]], rows: int, samplers: int,
                         context: dict[str, int]) -> dict[str, list[int]]:
         """``drafts`` cut to those that raise the step's expected tokens per second. The step
-        without drafts computes ``rows`` tokens and yields ``samplers`` tokens; a request's
-        draft rows attend to about ``context[rid]`` tokens each."""
-        m = self.cost
-        if m is None or not any(drafts.values()):
+        without drafts computes ``rows`` tokens attending to ``sum(context)`` in all and yields
+        ``samplers`` tokens; each of a request's draft rows attends to ``context[rid]``."""
+        cost = self.cost
+        if cost is None or not any(drafts.values()):
             return drafts
-        total_ctx = sum(context.values())
-        t = m.decode_step_s(rows, total_ctx)
-        tokens = float(samplers)
         # most probable first; a request's drafts in their order (a^j never grows with j)
-        gains = sorted(((self.rate.get(rid, self.mean_rate) ** j, rid, j)
-                        for rid, d in drafts.items() for j in range(1, len(d) + 1)), key=lambda g: (-g[0], g[2]))
-        keep: dict[str, int] = {rid: 0 for rid in drafts}
-        for gain, rid, j in gains:
-            cost = m.d1 + m.d2 * context.get(rid, 0)
-            if j != keep[rid] + 1 or (tokens + gain) * t <= tokens * (t + cost):
-                continue  # not worth it (or its earlier drafts were not)
-            keep[rid], tokens, t = j, tokens + gain, t + cost
-        out = {rid: d[:keep[rid]] for rid, d in drafts.items()}
-        self.dropped += sum(len(d) for d in drafts.values()) - sum(keep.values())
-        return out
+        ranked = sorted(((self.rate.get(rid, self.mean_rate) ** j, j, rid)
+                         for rid, d in drafts.items() for j in range(1, len(d) + 1)), key=lambda g: (-g[0], g[1]))
+        ctx = sum(context.values())
+        tokens = float(samplers)
+        best, best_rate = 0, tokens / cost.step_s(rows, ctx)
+        for n, (gain, _, rid) in enumerate(ranked, start=1):
+            tokens += gain
+            ctx += context.get(rid, 0)
+            rate = tokens / cost.step_s(rows + n, ctx)
+            if rate > best_rate:
+                best, best_rate = n, rate
+        keep = {rid: 0 for rid in drafts}
+        for _, j, rid in ranked[:best]:
+            keep[rid] = max(keep[rid], j)
+        self.dropped += len(ranked) - best
+        return {rid: d[:keep[rid]] for rid, d in drafts.items()}
 
     def execute(self, runner: "ModelRunner", step_id: int, ranges: list[tuple[str, int, int]],
                 logprobs: "_LogprobRows") -> tuple[list[str], list[int], SpecStats]:
@@ -175,3 +178,22 @@ class Speculator:
 def _history(state: "RequestState", drafts: list[int]) -> "RequestState":
     """The request as it would stand after ``drafts`` (what the processors read)."""
     return replace(state, token_ids=state.token_ids + drafts) if drafts else state
+
+
+class StepCost:
+    """Predicted seconds of a step of ``rows`` tokens attending to ``context`` tokens in
+    all: with compiled decode graphs, the time measured for the bucket the rows pad to (at
+    start, ``DecodeGraphs.step_seconds``) plus the profile's cost per context token;
+    otherwise the profile's law ``d0 + d1·rows + d2·context``."""
+
+    def __init__(self, law: ServiceModel, graphs=None) -> None:
+        self.law = law
+        self.graphs = graphs
+
+    def step_s(self, rows: int, context: int) -> float:
+        graphs = self.graphs
+        if graphs is not None and graphs.step_seconds:
+            b = graphs.bucket_for(rows)
+            if b is not None and b in graphs.step_seconds:
+                return graphs.step_seconds[b] + self.law.d2 * context
+        return self.law.decode_step_s(rows, context)
