@@ -144,3 +144,20 @@ def test_drafts_are_verified_only_where_they_raise_tokens_per_second():
     assert all(not d for rid, d in dear.items() if rid != "good") and spec.mean_rate < 0.9
     spec.set_cost(None)
     assert spec.worth_verifying(drafts, rows=2, samplers=2, context=ctx) == drafts
+
+
+def test_a_request_whose_drafts_were_dropped_is_tried_again():
+    """Dropped drafts are not observed, so a request's low estimate drifts back to the mean
+    until its drafts are verified again (it is never shut out for good)."""
+    from xllm.perf_model import ServiceModel
+    from xllm.protocol import InstanceProfile
+    from xllm.worker.speculative import Speculator, StepCost
+
+    spec = Speculator(proposer=None)
+    for _ in range(50):
+        spec._observe("other", 3, 4)  # the mean: 3 of 4 kept
+    spec._observe("r", 0, 4)
+    spec._observe("r", 0, 4)  # two misses: a low estimate
+    spec.set_cost(StepCost(ServiceModel(InstanceProfile((0.0, 0.0, 0.0), (0.020, 0.004, 4e-6)))))
+    tries = [spec.worth_verifying({"r": [1, 2]}, rows=1, samplers=1, context={"r": 700})["r"] for _ in range(10)]
+    assert not tries[0] and any(tries)

@@ -105,6 +105,11 @@ class Speculator:
         for _, j, rid in ranked[:best]:
             keep[rid] = max(keep[rid], j)
         self.dropped += len(ranked) - best
+        for rid, d in drafts.items():
+            if d and not keep[rid] and rid in self.rate:
+                # not verified, so not observed: drift back towards the mean, or a request
+                # whose drafts failed a few times in a row would never be tried again
+                self.rate[rid] += 0.25 * (self.mean_rate - self.rate[rid])
         return {rid: d[:keep[rid]] for rid, d in drafts.items()}
 
     def execute(self, runner: "ModelRunner", step_id: int, ranges: list[tuple[str, int, int]],
