@@ -161,3 +161,25 @@ def test_a_request_whose_drafts_were_dropped_is_tried_again():
     spec.set_cost(StepCost(ServiceModel(InstanceProfile((0.0, 0.0, 0.0), (0.020, 0.004, 4e-6)))))
     tries = [spec.worth_verifying({"r": [1, 2]}, rows=1, samplers=1, context={"r": 700})["r"] for _ in range(10)]
     assert not tries[0] and any(tries)
+
+
+def test_the_proposer_is_not_asked_when_no_draft_could_pay():
+    """At a batch where any draft pushes the step into a much dearer bucket, the proposer
+    is not called at all (its time is the worker's); at one stream it is."""
+    from xllm.perf_model import ServiceModel
+    from xllm.protocol import InstanceProfile
+    from xllm.worker.graph_runner import DecodeGraphs
+    from xllm.worker.speculative import Speculator, StepCost
+
+    class Graphs:
+        step_seconds = {1: 0.022, 2: 0.026, 4: 0.031, 8: 0.037, 16: 0.097}
+        buckets = sorted(step_seconds)
+        bucket_for = DecodeGraphs.bucket_for
+
+    spec = Speculator(proposer=None)
+    spec.set_cost(StepCost(ServiceModel(InstanceProfile((0.0, 0.0, 0.0), (0.02, 0.004, 4e-6))), Graphs()))
+    eight = {f"r{i}": 4 for i in range(8)}
+    assert not spec.may_pay(eight, rows=8, samplers=8, context={r: 300 for r in eight})
+    assert spec.may_pay({"r0": 4}, rows=1, samplers=1, context={"r0": 300})
+    spec.set_cost(None)
+    assert spec.may_pay(eight, rows=8, samplers=8, context={r: 300 for r in eight})

@@ -58,6 +58,7 @@ class Speculator:
         self.mean_rate = 0.5  # the same over every request: a new request's prior
         self.cost: StepCost | None = None  # predicted step times; None: every draft is verified
         self.dropped = 0  # drafts proposed but not worth verifying
+        self.skipped = 0  # steps where no draft could pay: the proposer was not asked
 
     def set_cost(self, cost: "StepCost | None") -> None:
         """The step-time model drafts are weighed with."""
@@ -86,12 +87,32 @@ class Speculator:
         """``drafts`` cut to those that raise the step's expected tokens per second. The step
         without drafts computes ``rows`` tokens attending to ``sum(context)`` in all and yields
         ``samplers`` tokens; each of a request's draft rows attends to ``context[rid]``."""
-        cost = self.cost
-        if cost is None or not any(drafts.values()):
+        if self.cost is None or not any(drafts.values()):
             return drafts
         # most probable first; a request's drafts in their order (a^j never grows with j)
         ranked = sorted(((self.rate.get(rid, self.mean_rate) ** j, j, rid)
                          for rid, d in drafts.items() for j in range(1, len(d) + 1)), key=lambda g: (-g[0], g[1]))
+        best = self._best_count(ranked, rows, samplers, context)
+        keep = {rid: 0 for rid in drafts}
+        for _, j, rid in ranked[:best]:
+            keep[rid] = max(keep[rid], j)
+        self.dropped += len(ranked) - best
+        self._relax(rid for rid, d in drafts.items() if d and not keep[rid])
+        return {rid: d[:keep[rid]] for rid, d in drafts.items()}
+
+    def _relax(self, rids) -> None:
+        """Requests whose drafts were not verified are not observed: their estimates drift
+        back towards the mean, or one whose drafts failed a few times in a row would never
+        be tried again."""
+        for rid in rids:
+            if rid in self.rate:
+                self.rate[rid] += 0.25 * (self.mean_rate - self.rate[rid])
+
+    def _best_count(self, ranked: list[tuple[float, int, str]], rows: int, samplers: int,
+                    context: dict[str, int]) -> int:
+        """How many of the ``ranked`` drafts (gain, index, request) give the step the most
+        expected tokens per second."""
+        cost = self.cost
         ctx = sum(context.values())
         tokens = float(samplers)
         best, best_rate = 0, tokens / cost.step_s(rows, ctx)
@@ -101,16 +122,18 @@ class Speculator:
             rate = tokens / cost.step_s(rows + n, ctx)
             if rate > best_rate:
                 best, best_rate = n, rate
-        keep = {rid: 0 for rid in drafts}
-        for _, j, rid in ranked[:best]:
-            keep[rid] = max(keep[rid], j)
-        self.dropped += len(ranked) - best
-        for rid, d in drafts.items():
-            if d and not keep[rid] and rid in self.rate:
-                # not verified, so not observed: drift back towards the mean, or a request
-                # whose drafts failed a few times in a row would never be tried again
-                self.rate[rid] += 0.25 * (self.mean_rate - self.rate[rid])
-        return {rid: d[:keep[rid]] for rid, d in drafts.items()}
+        return best
+
+    def may_pay(self, wanted: dict[str, int], rows: int, samplers: int, context: dict[str, int]) -> bool:
+        """Whether any draft could be worth verifying in this step, were every one as likely
+        as the likeliest request's: if not, the proposer is not even asked (its time is the
+        worker's too)."""
+        if self.cost is None or not wanted:
+            return bool(wanted)
+        a = max(self.rate.get(rid, self.mean_rate) for rid in wanted)
+        ranked = sorted(((a ** j, j, rid) for rid, n in wanted.items() for j in range(1, n + 1)),
+                        key=lambda g: (-g[0], g[1]))
+        return self._best_count(ranked, rows, samplers, context) > 0
 
     def execute(self, runner: "ModelRunner", step_id: int, ranges: list[tuple[str, int, int]],
                 logprobs: "_LogprobRows") -> tuple[list[str], list[int], SpecStats]:
@@ -118,11 +141,14 @@ class Speculator:
         known = {rid: len(runner.requests[rid].token_ids) for rid, _, _ in ranges}
         wanted = {rid: self._limit(rid, end - known[rid]) for rid, _, end in ranges
                   if end > known[rid] and runner.requests[rid].sampling.structured is None}
+        rows = sum(min(end, known[rid]) - start for rid, start, end in ranges)
+        samplers = sum(1 for rid, _, end in ranges if end >= known[rid])
+        if not self.may_pay(wanted, rows, samplers, known):
+            self.skipped += 1
+            self._relax(wanted)
+            wanted = {}
         drafts = {rid: [] for rid in known} | self.proposer.propose(wanted) if wanted else {rid: [] for rid in known}
-        if self.cost is not None:
-            rows = sum(min(end, known[rid]) - start for rid, start, end in ranges)
-            samplers = sum(1 for rid, _, end in ranges if end >= known[rid])
-            drafts = self.worth_verifying(drafts, rows, samplers, known)
+        drafts = self.worth_verifying(drafts, rows, samplers, known)
         for rid, d in drafts.items():
             runner.requests[rid].token_ids.extend(d)
         try:
