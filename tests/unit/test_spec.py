@@ -156,8 +156,8 @@ def test_a_request_whose_drafts_were_dropped_is_tried_again():
     spec = Speculator(proposer=None)
     for _ in range(50):
         spec._observe("other", 3, 4)  # the mean: 3 of 4 kept
-    spec._observe("r", 0, 4)
-    spec._observe("r", 0, 4)  # two misses: a low estimate
+    for _ in range(5):
+        spec._observe("r", 0, 4)  # misses in a row: a low estimate
     spec.set_cost(StepCost(ServiceModel(InstanceProfile((0.0, 0.0, 0.0), (0.020, 0.004, 4e-6)))))
     tries = [spec.worth_verifying({"r": [1, 2]}, rows=1, samplers=1, context={"r": 700})["r"] for _ in range(10)]
     assert not tries[0] and any(tries)

@@ -25,6 +25,7 @@ drafts; ``grammar.py`` says how that would go).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,8 @@ from ..spec import Proposer
 from ..spec.verify import verify_greedy, verify_sampled
 from .logits_processors import apply_processors
 from .sampler import SamplingBatch, seed_for_token
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .model_runner import ModelRunner, RequestState, _LogprobRows
@@ -59,6 +62,7 @@ class Speculator:
         self.cost: StepCost | None = None  # predicted step times; None: every draft is verified
         self.dropped = 0  # drafts proposed but not worth verifying
         self.skipped = 0  # steps where no draft could pay: the proposer was not asked
+        self.steps = 0
 
     def set_cost(self, cost: "StepCost | None") -> None:
         """The step-time model drafts are weighed with."""
@@ -74,8 +78,7 @@ class Speculator:
         recent = self.accepted.get(rid)
         self.accepted[rid] = kept if recent is None else 0.5 * recent + 0.5 * kept
         frac = kept / proposed
-        rate = self.rate.get(rid)
-        self.rate[rid] = frac if rate is None else 0.7 * rate + 0.3 * frac
+        self.rate[rid] = 0.7 * self.rate.get(rid, self.mean_rate) + 0.3 * frac  # from the mean at first
         self.mean_rate = 0.95 * self.mean_rate + 0.05 * frac
 
     def drop(self, rid: str) -> None:
@@ -143,6 +146,11 @@ class Speculator:
                   if end > known[rid] and runner.requests[rid].sampling.structured is None}
         rows = sum(min(end, known[rid]) - start for rid, start, end in ranges)
         samplers = sum(1 for rid, _, end in ranges if end >= known[rid])
+        self.steps += 1
+        if self.steps % 500 == 0:
+            log.info("speculation: %d steps, %d without asking for drafts (none could pay), %d drafts dropped "
+                     "as not worth verifying, mean share of drafts kept %.2f", self.steps, self.skipped,
+                     self.dropped, self.mean_rate)
         if not self.may_pay(wanted, rows, samplers, known):
             self.skipped += 1
             self._relax(wanted)
