@@ -183,3 +183,29 @@ def test_the_proposer_is_not_asked_when_no_draft_could_pay():
     assert spec.may_pay({"r0": 4}, rows=1, samplers=1, context={"r0": 300})
     spec.set_cost(None)
     assert spec.may_pay(eight, rows=8, samplers=8, context={r: 300 for r in eight})
+
+
+def test_estimates_too_low_to_verify_anything_are_checked_again_where_rows_are_cheap():
+    """When the mean share kept has fallen so low that no draft seems worth a row, a request
+    that has verified none for a while gets its first draft verified where a row is cheap
+    (one stream), not where it pushes the step into a dearer bucket (batch 8)."""
+    from xllm.perf_model import ServiceModel
+    from xllm.protocol import InstanceProfile
+    from xllm.worker.graph_runner import DecodeGraphs
+    from xllm.worker.speculative import EXPLORE_AFTER, Speculator, StepCost
+
+    class Graphs:
+        step_seconds = {1: 0.022, 2: 0.026, 4: 0.031, 8: 0.037, 16: 0.097}
+        buckets = sorted(step_seconds)
+        bucket_for = DecodeGraphs.bucket_for
+
+    spec = Speculator(proposer=None)
+    spec.mean_rate = 0.05  # every request looks hopeless
+    spec.set_cost(StepCost(ServiceModel(InstanceProfile((0.0, 0.0, 0.0), (0.02, 0.004, 4e-6))), Graphs()))
+    assert not spec.may_pay({"a": 4}, rows=1, samplers=1, context={"a": 300})
+    spec.idle["a"] = EXPLORE_AFTER
+    assert spec.may_pay({"a": 4}, rows=1, samplers=1, context={"a": 300})
+    assert spec.worth_verifying({"a": [1, 2, 3, 4]}, rows=1, samplers=1, context={"a": 300}) == {"a": [1]}
+    eight = {f"r{i}": 4 for i in range(8)}
+    spec.idle.update({r: EXPLORE_AFTER for r in eight})
+    assert not spec.may_pay(eight, rows=8, samplers=8, context={r: 300 for r in eight})

@@ -39,6 +39,8 @@ from .sampler import SamplingBatch, seed_for_token
 
 log = logging.getLogger(__name__)
 
+EXPLORE_AFTER = 8  # steps without a verified draft before a request's first draft is priced as certain
+
 if TYPE_CHECKING:
     from .model_runner import ModelRunner, RequestState, _LogprobRows
 
@@ -63,6 +65,7 @@ class Speculator:
         self.dropped = 0  # drafts proposed but not worth verifying
         self.skipped = 0  # steps where no draft could pay: the proposer was not asked
         self.steps = 0
+        self.idle: dict[str, int] = {}  # req id -> steps in a row it wanted drafts and verified none
 
     def set_cost(self, cost: "StepCost | None") -> None:
         """The step-time model drafts are weighed with."""
@@ -84,6 +87,16 @@ class Speculator:
     def drop(self, rid: str) -> None:
         self.accepted.pop(rid, None)
         self.rate.pop(rid, None)
+        self.idle.pop(rid, None)
+
+    def _gain(self, rid: str, j: int, rate: float | None = None) -> float:
+        """The chance draft ``j`` (from 1) of ``rid`` is kept: its estimate to the power j;
+        a request that has verified no draft for ``EXPLORE_AFTER`` steps prices its first
+        draft as certain, so estimates that are too low (its own, or the mean, which only
+        verified drafts move) are checked again where a row is cheap."""
+        if j == 1 and self.idle.get(rid, 0) >= EXPLORE_AFTER:
+            return 1.0
+        return (self.rate.get(rid, self.mean_rate) if rate is None else rate) ** j
 
     def worth_verifying(self, drafts: dict[str, list[int]], rows: int, samplers: int,
                         context: dict[str, int]) -> dict[str, list[int]]:
@@ -93,8 +106,8 @@ class Speculator:
         if self.cost is None or not any(drafts.values()):
             return drafts
         # most probable first; a request's drafts in their order (a^j never grows with j)
-        ranked = sorted(((self.rate.get(rid, self.mean_rate) ** j, j, rid)
-                         for rid, d in drafts.items() for j in range(1, len(d) + 1)), key=lambda g: (-g[0], g[1]))
+        ranked = sorted(((self._gain(rid, j), j, rid) for rid, d in drafts.items() for j in range(1, len(d) + 1)),
+                        key=lambda g: (-g[0], g[1]))
         best = self._best_count(ranked, rows, samplers, context)
         keep = {rid: 0 for rid in drafts}
         for _, j, rid in ranked[:best]:
@@ -134,8 +147,8 @@ class Speculator:
         if self.cost is None or not wanted:
             return bool(wanted)
         a = max(self.rate.get(rid, self.mean_rate) for rid in wanted)
-        ranked = sorted(((a ** j, j, rid) for rid, n in wanted.items() for j in range(1, n + 1)),
-                        key=lambda g: (-g[0], g[1]))
+        ranked = sorted(((self._gain(rid, j, max(a, self.rate.get(rid, a))), j, rid)
+                         for rid, n in wanted.items() for j in range(1, n + 1)), key=lambda g: (-g[0], g[1]))
         return self._best_count(ranked, rows, samplers, context) > 0
 
     def execute(self, runner: "ModelRunner", step_id: int, ranges: list[tuple[str, int, int]],
@@ -151,6 +164,7 @@ class Speculator:
             log.info("speculation: %d steps, %d without asking for drafts (none could pay), %d drafts dropped "
                      "as not worth verifying, mean share of drafts kept %.2f", self.steps, self.skipped,
                      self.dropped, self.mean_rate)
+        asked = list(wanted)
         if not self.may_pay(wanted, rows, samplers, known):
             self.skipped += 1
             self._relax(wanted)
@@ -190,6 +204,8 @@ class Speculator:
             self._observe(rid, len(kept) - 1, len(d))
             if raw is not None:
                 logprobs.add([rid] * n, raw[:n], torch.tensor(kept[:n]))
+        for rid in asked:
+            self.idle[rid] = 0 if rid in stats.proposed else self.idle.get(rid, 0) + 1
         return out_ids, out_tokens, stats
 
     def _verify(self, runner: "ModelRunner", rid: str, logits: torch.Tensor, drafts: list[int]) -> list[int]:
