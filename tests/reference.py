@@ -67,18 +67,33 @@ def assert_greedy_equal(path: str, prompt: list[int], ours: list[int], ref: list
     """Token-for-token equality, except a divergence at a near-tie the reference confirms:
     at the first differing position the top two reference logits (of the reference run in
     ``dtype``) are a tie at ``tie_dtype`` (``near_tie``; by default ``dtype``: within 1e-4 in
-    fp32) and our token is one of them. Tokens after an accepted divergence are not compared.
+    fp32) and our token is one of them. Served in ``tie_dtype`` but compared with a reference
+    in ``dtype``, our token may also be up to twice as far behind the top as the reference's
+    own run in ``tie_dtype`` moves the top five logits there (bf16's error over a whole forward
+    is many of its steps at the last logit). Tokens after an accepted divergence are not compared.
     ``q8_activations``: the reference of a Q8_0 server (see ``hf_model``)."""
     assert len(ours) == len(ref), f"length {len(ours)} != reference {len(ref)}"
     for i, (a, b) in enumerate(zip(ours, ref)):
         if a == b:
             continue
-        logits = hf_model(str(path), dtype, q8_activations)(torch.tensor([prompt + ref[:i]])).logits[0, -1].float()
+        ids = torch.tensor([prompt + ref[:i]])
+        logits = hf_model(str(path), dtype, q8_activations)(ids).logits[0, -1].float()
         top2 = logits.topk(2)
         gap = float(top2.values[0] - top2.values[1])
-        assert near_tie(float(top2.values[0]), gap, tie_dtype or dtype) and a in top2.indices.tolist(), (
-            f"diverged at output token {i}: ours {a}, reference {b}, top-2 gap {gap:.3g} "
-            f"(not a near-tie)\nours {ours}\nref  {ref}")
+        if tie_dtype is None or tie_dtype == dtype:
+            assert near_tie(float(top2.values[0]), gap, dtype) and a in top2.indices.tolist(), (
+                f"diverged at output token {i}: ours {a}, reference {b}, top-2 gap {gap:.3g} "
+                f"(not a near-tie)\nours {ours}\nref  {ref}")
+            return
+        # served in tie_dtype, compared with a reference in dtype: the reference's own run in
+        # tie_dtype says how far that dtype's arithmetic moves these logits here
+        moved = hf_model(str(path), tie_dtype, q8_activations)(ids).logits[0, -1].float()
+        top = logits.topk(5).indices
+        drift = float((moved[top] - logits[top]).abs().max())
+        behind = float(top2.values[0] - logits[a])
+        assert near_tie(float(top2.values[0]), behind, tie_dtype) or behind <= 2 * drift, (
+            f"diverged at output token {i}: ours {a}, reference {b}, ours {behind:.3g} behind the top, "
+            f"{tie_dtype} moves the top logits by up to {drift:.3g} here (not a near-tie)\nours {ours}\nref  {ref}")
         return
 
 

@@ -39,7 +39,7 @@ def test_verification_steps_run_through_the_graphs_and_keep_the_output(preset, m
     prompts = workload()
     # 4 requests x (1 + 3 drafts) rows: buckets up to 16, which only verification fills
     with launch(path, tmp_path, "--max-num-seqs", "4", "--speculative", method, "--num-speculative-tokens", "3",
-                "--speculative-max-batch", "4", graphs=True) as dep:
+                "--speculative-max-batch", "4", "--no-instance-profile", graphs=True) as dep:
         ours = asyncio.run(generate_all(dep.address, prompts, MAX_TOKENS))
 
         async def stats():

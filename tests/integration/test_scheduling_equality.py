@@ -17,6 +17,9 @@ from tests.reference import assert_greedy_equal, generate_all, hf_greedy
 from xllm.sdk import AsyncClient
 
 PLAIN = ("--no-prefix-caching", "--no-async-scheduling")
+# every draft verified: the variants check verification under each scheduling feature, not
+# the step-time rule that picks drafts (its choice follows this machine's measured speed)
+SPEC = ("--no-instance-profile",)
 VARIANTS = {
     "plain": PLAIN,
     "prefix-cache": ("--no-async-scheduling",),
@@ -30,12 +33,12 @@ VARIANTS = {
     "multi-step": ("--num-continuous-decode-steps", "5"),
     "multi-step-sync": ("--num-continuous-decode-steps", "3", "--no-async-scheduling"),
     "multi-step-preemption": ("--num-continuous-decode-steps", "4", "--num-kv-blocks", "20", "--block-size", "8"),
-    "spec-suffix": ("--speculative", "suffix", "--speculative-max-batch", "64"),
-    "spec-sync": ("--speculative", "suffix", "--no-async-scheduling", "--speculative-max-batch", "64"),
-    "spec-draft": ("--speculative", "draft", "--draft-model", "preset:tiny-llama", "--speculative-max-batch", "64"),
-    "spec-draft-preemption": ("--speculative", "draft", "--draft-model", "preset:tiny-qwen2",
+    "spec-suffix": (*SPEC, "--speculative", "suffix", "--speculative-max-batch", "64"),
+    "spec-sync": (*SPEC, "--speculative", "suffix", "--no-async-scheduling", "--speculative-max-batch", "64"),
+    "spec-draft": (*SPEC, "--speculative", "draft", "--draft-model", "preset:tiny-llama", "--speculative-max-batch", "64"),
+    "spec-draft-preemption": (*SPEC, "--speculative", "draft", "--draft-model", "preset:tiny-qwen2",
                               "--speculative-max-batch", "64", "--num-kv-blocks", "20", "--block-size", "8"),
-    "spec-chunked-preemption": ("--speculative", "suffix", "--num-speculative-tokens", "6",
+    "spec-chunked-preemption": (*SPEC, "--speculative", "suffix", "--num-speculative-tokens", "6",
                                 "--speculative-max-batch", "64", "--max-num-batched-tokens", "7",
                                 "--num-kv-blocks", "20", "--block-size", "8"),
     # KV tiers under preemption: blocks go down to host memory (and disk) and come back
@@ -44,7 +47,7 @@ VARIANTS = {
                    "--kv-disk-dir", "{tmp}/disk", "--kv-disk-size", "0.001"),
     # drafts verified while prefixes come back from host memory (a load and a verify in one step)
     "tiers-spec": ("--num-kv-blocks", "20", "--block-size", "8", "--kv-host-memory", "0.001",
-                   "--speculative", "suffix", "--speculative-max-batch", "64"),
+                   "--speculative", "suffix", "--speculative-max-batch", "64", *SPEC),
 }
 
 

@@ -70,7 +70,8 @@ def test_mtp_speculation_keeps_greedy_output(flags, make_tiny, tmp_path):
 
     path = str(make_tiny("tiny-llama-mtp"))
     prompts, max_tokens = workload()
-    with launch(path, tmp_path, "--speculative", "mtp", "--speculative-max-batch", "64", *flags) as dep:
+    with launch(path, tmp_path, "--speculative", "mtp", "--speculative-max-batch", "64",
+                "--no-instance-profile", *flags) as dep:
         outs = asyncio.run(generate_all(dep.address, prompts, max_tokens))
         async def stats():
             async with AsyncClient(dep.address) as c:
