@@ -622,6 +622,7 @@ class InstanceLoad(msgspec.Struct, tag="load"):
     tpot_s: float  # recent mean seconds per output token after the first
     finished_req_ids: list[str] = []  # requests that ended since the last report
     num_waiting_blocks: int = 0  # KV blocks the waiting requests' tokens will take
+    mean_output_tokens: float = 0.0  # recent mean output tokens of the requests it finished (0: none yet)
 
 
 class KVEventBatch(msgspec.Struct, tag="kv_events"):

@@ -208,7 +208,8 @@ class Simulation:
     def _report(self, inst: SimInstance) -> None:
         waiting, running, free, waiting_blocks = inst.load()
         self.registry.report(InstanceLoad(inst.id, "sim", waiting, running, free, inst.num_blocks, inst.ttft_mean,
-                                          inst.tpot_mean, num_waiting_blocks=waiting_blocks))
+                                          inst.tpot_mean, num_waiting_blocks=waiting_blocks,
+                                          mean_output_tokens=inst.output_mean))
 
     def _control(self, t: float) -> None:
         ctl = self.controller

@@ -80,6 +80,7 @@ class SimInstance:
         self.version = 0  # the engine's wake-ups for older plans are stale
         self.ttft_mean = 0.0  # as the scheduler reports them: moving means
         self.tpot_mean = 0.0
+        self.output_mean = 0.0
         self.slow = 1.0  # step times over the profile's (cores shared with other busy instances)
         self.busy = False  # a step or a decode batch under way (what the engine counts for ``slow``)
 
@@ -191,6 +192,7 @@ class SimInstance:
         if r.output > 1:
             tpot = (now - job.first_at) / (r.output - 1)
             self.tpot_mean = tpot if not self.tpot_mean else self.tpot_mean + (tpot - self.tpot_mean) / 16
+        self.output_mean = r.output if not self.output_mean else self.output_mean + (r.output - self.output_mean) / 16
         self._cache(r.block_hashes(self.bs, r.prompt + r.output - 1))
         self.sim.finished(job, self, now)
 

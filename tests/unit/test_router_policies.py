@@ -65,6 +65,34 @@ def test_prefix_cache_aware_leaves_a_hot_instance_once_its_work_outweighs_the_hi
     assert policy.choose(request(prompt), registry((11, 100), (0, 100))).id == "i1"
 
 
+def test_a_running_request_weighs_what_its_decoding_costs_once_the_profile_is_known():
+    """With a profile and a reported mean output, a running request counts as the decode
+    time it adds over the rest of its output in blocks of prefill time, so a holder of the
+    prompt busy decoding loses it to an idle instance sooner than one block per request would."""
+    from xllm.perf_model import ServiceModel
+    from xllm.protocol import InstanceProfile
+
+    # a block (4 tokens) of prefill: 4 ms; a decode row: 2 ms a step; mean output 40 (20 left)
+    model = ServiceModel(InstanceProfile((0.0, 1e-3, 0.0), (0.01, 2e-3, 0.0)))
+    index = PrefixIndex()
+    prompt = list(range(40))  # 10 blocks, all cached on i0
+    index.stored("i0", block_hashes(prompt, BS))
+
+    def reg(running: int, mean_output: float) -> Registry:
+        r = Registry()
+        for n, busy in enumerate((running, 0)):
+            r.add(InstanceState(f"i{n}", f"ipc://i{n}", "x", num_blocks=100, block_size=BS, model=model))
+            r.report(InstanceLoad(f"i{n}", "x", 0, busy, 100, 100, 0.0, 0.0, mean_output_tokens=mean_output))
+        return r
+
+    assert reg(3, 40.0).get("i0").running_weight == 2e-3 * 20 / 4e-3  # 10 blocks each
+    assert reg(3, 0.0).get("i0").running_weight == 1.0  # no output seen yet: one block
+    policy = PrefixCacheAware(index)
+    assert policy.choose(request(prompt), reg(3, 0.0)).id == "i0"  # 3 blocks of work < 10 saved
+    assert policy.choose(request(prompt), reg(3, 40.0)).id == "i1"  # 30 blocks of decoding > 10 saved
+    assert policy.choose(request(prompt), reg(0, 40.0)).id == "i0"
+
+
 def test_prefix_cache_aware_spreads_a_burst_of_one_conversation_family():
     """Requests that all hit i0's cache go elsewhere once what was sent there outweighs the
     hit, before any new load report: the just-sent prompts count."""

@@ -60,6 +60,18 @@ def test_chunked_prefill_honours_the_token_budget():
     assert len(outs["a"]) == 3
 
 
+def test_the_mean_output_length_follows_finished_requests():
+    """What the load report carries for the router's weight of a running request."""
+    s = make()
+    assert s.stats.output_tokens == 0.0
+    s.add_request(req("a", 5, max_tokens=4))
+    drive(s, FakeWorker())
+    assert s.stats.output_tokens == 4.0
+    s.add_request(req("b", 5, max_tokens=20))
+    drive(s, FakeWorker())
+    assert 4.0 < s.stats.output_tokens < 20.0  # a moving mean: the new length pulls it up
+
+
 def test_decodes_and_a_new_prompt_share_a_step():
     s = make(budget=10)
     w = FakeWorker()

@@ -19,7 +19,10 @@ none. Their formulas, as the README states them:
   beats a host hit beats a disk hit beats recomputing. Weights of 1 are the device-only
   view (lower tiers count as misses). ``work`` is what is queued there before it:
   its waiting requests' blocks and the prefill of the requests sent since its last
-  report, plus one block per running or just-sent request. A cache hit is worth exactly
+  report, plus each running or just-sent request at what its decoding costs there: the
+  decode time it adds over the rest of its output, ``(d1 + d2·context per request) · n/2``
+  (``n``: the instance's recent mean output), in blocks of prefill time (from the instance's
+  profile; 1 block without one). A cache hit is worth exactly
   the prefill it saves, so conversations stay where their history is while the instances
   are about as busy, and an instance whose queue outgrows what its cache saves stops
   attracting requests (``balance`` = 1): one hot instance cannot take everything.

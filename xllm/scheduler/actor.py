@@ -208,7 +208,7 @@ class SchedulerActor(Actor):
             await self._to_routers(InstanceLoad(
                 self.instance.id, self.incarnation, len(core.waiting), len(core.running) + len(core.receiving),
                 blocks.num_free_blocks, blocks.num_blocks, core.stats.ttft_s, core.stats.tpot_s, finished,
-                sum(-(-r.num_tokens // blocks.block_size) for r in core.waiting)))
+                sum(-(-r.num_tokens // blocks.block_size) for r in core.waiting), core.stats.output_tokens))
 
     async def _to_routers(self, msg) -> None:
         # NOTE: every router keeps its own view, so each hears everything

@@ -97,6 +97,12 @@ class SchedulerStats:
                 per[j] += 1
     ttft_s: float = 0.0  # moving mean of arrival -> first token
     tpot_s: float = 0.0  # moving mean of the gap between output tokens
+    output_tokens: float = 0.0  # moving mean of a finished request's output tokens (0: none yet)
+
+    def observe_finished(self, req: "Request") -> None:
+        """Fold a finished request's output length into its mean (weight 1/16)."""
+        n = req.num_output_tokens
+        self.output_tokens = n if not self.output_tokens else self.output_tokens + (n - self.output_tokens) / 16
 
     def observe_token(self, req: "Request", now: float) -> None:
         """Fold one output token of ``req`` into the latency means (weight 1/16)."""
@@ -463,6 +469,7 @@ class Scheduler(Disaggregation, TierVerbs):
         del self.requests[req.req_id]
         self.finished_since_report.append(req.req_id)
         self.stats.num_finished += 1
+        self.stats.observe_finished(req)
 
     def _forget_on_worker(self, req: Request) -> None:
         if req.on_worker:
