@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-kv-blocks", type=int, default=0,
                    help="KV blocks per instance (0: 60%% of the workload's final history)")
     p.add_argument("--policies", default=",".join(POLICIES))
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help="--dtype of the instances (auto: bfloat16 where the CPU has native bf16, else float32)")
     add_launch_args(p)
     args = p.parse_args(argv)
     model_dir = resolve_model(args.model)
