@@ -141,7 +141,9 @@ class ModelRunner:
         ranges = self._begin(plan)
         logprobs = _LogprobRows(max((self.requests[r].sampling.logprobs or 0 for r, _, _ in ranges
                                      if self.requests[r].sampling.logprobs is not None), default=-1))
-        if self.speculator is not None:  # positions past the known tokens are drafts to verify
+        if self.speculator is not None and any(end > len(self.requests[rid].token_ids) for rid, _, end in ranges):
+            # positions past the known tokens are drafts to verify; a step with no room for
+            # drafts (more decoding requests than --speculative-max-batch) runs as without speculation
             result.req_ids, result.token_ids, counts = self.speculator.execute(self, plan.step_id, ranges, logprobs)
             result.spec_counts = {rid: (n, counts.accepted[rid]) for rid, n in counts.proposed.items()}
             return self._finish(result, logprobs, load_wait, t0)
