@@ -87,6 +87,8 @@ def test_a_running_request_weighs_what_its_decoding_costs_once_the_profile_is_kn
 
     assert reg(3, 40.0).get("i0").running_weight == 2e-3 * 20 / 4e-3  # 10 blocks each
     assert reg(3, 0.0).get("i0").running_weight == 1.0  # no output seen yet: one block
+    for bad in (float("nan"), float("inf"), -5.0):  # a broken report does not upset the load order
+        assert reg(3, bad).get("i0").running_weight == 1.0
     policy = PrefixCacheAware(index)
     assert policy.choose(request(prompt), reg(3, 0.0)).id == "i0"  # 3 blocks of work < 10 saved
     assert policy.choose(request(prompt), reg(3, 40.0)).id == "i1"  # 30 blocks of decoding > 10 saved

@@ -57,7 +57,7 @@ class InstanceState:
         and half the requests missed the TPOT target (``bench.sim``, RESULTS "Router at scale")."""
         out = self.load.mean_output_tokens if self.load else 0.0
         m = self.model
-        if m is None or out <= 0:
+        if m is None or not 0 < out < MAX_OUTPUT_TOKENS:  # NaN too: it would break the load order
             return 1.0
         batch = self.decode_batch
         per_step = m.d1 + (m.d2 * self.context_tokens / batch if batch else 0.0)
@@ -98,6 +98,7 @@ class InstanceState:
 
 
 _NOMINAL = ServiceModel(NOMINAL)
+MAX_OUTPUT_TOKENS = 1 << 20  # a reported mean output past this (or NaN) is not believed
 
 
 class _Ordered:
