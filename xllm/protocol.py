@@ -332,6 +332,7 @@ class RoleChange(msgspec.Struct, tag="role_change"):
     change_id: int  # chosen by the router, echoed in the answer
     role: str
     drain_timeout_s: float = 30.0
+    migrate_to: list["MigrationTarget"] = []  # leaving decode: move decoding requests there (none: wait)
 
 
 class RoleChanged(msgspec.Struct, tag="role_changed"):
@@ -378,6 +379,7 @@ class PrefillRequest(msgspec.Struct, tag="prefill"):
     decode_address: str  # the decode scheduler's input
     decode_agent: str  # the decode KV agent's input: where the KV goes
     block_ids: list[int]  # the decode side's blocks for the prompt, in order
+    migration: bool = False  # not a prompt to compute: the KV of a request this instance is moving there
 
 
 class PrefillLost(msgspec.Struct, tag="prefill_lost"):
@@ -413,6 +415,38 @@ class KVReceived(msgspec.Struct, tag="kv_received"):
     num_bytes: int = 0  # KV received for it
     seconds: float = 0.0  # from its expectation to its completion
     exposed_seconds: float = 0.0  # from the prefill's last layer stored to its last KV written here
+
+
+# --------------------------------------------------------------------------------------
+# Migration (README "Migration"): a running request moves, KV and all, to another
+# instance and continues there. The router orders an instance to move its decoding
+# requests (``ControlCall`` "migrate", for a drain; ``RoleChange.migrate_to``, for a role
+# change). The source stops scheduling each one, lets its steps in flight land, and hands
+# it over (``MigratedRequest``); the target then pulls its KV exactly as a decode instance
+# pulls a prefill's (``KVExpect`` -> ``PrefillRequest(migration=True)`` -> the source's
+# agent pushes the blocks), and decodes on from the same tokens.
+# --------------------------------------------------------------------------------------
+
+
+class MigrationTarget(msgspec.Struct, array_like=True):
+    """An instance a request may move to."""
+
+    instance_id: str
+    address: str  # its scheduler's input
+
+
+class MigratedRequest(msgspec.Struct, tag="migrated"):
+    """Source scheduler -> target scheduler: this running request is yours now. Its KV for
+    ``num_computed_tokens`` tokens (prompt, then outputs) is at the source; pull it, then
+    decode on. Refused with ``PrefillLost`` to ``source_address`` (it stays at the source)."""
+
+    request: TokenizedRequest  # as it came (its route, sampling, end conditions)
+    output_token_ids: list[int]  # sampled so far (already streamed by the source)
+    num_computed_tokens: int  # tokens whose KV the source holds: prompt + outputs - 1
+    source_instance: str
+    source_address: str  # its scheduler's input
+    num_cached_tokens: int = 0  # prompt tokens its first instance found cached
+    queue_time: float = 0.0  # seconds it waited before its first step
 
 
 # --------------------------------------------------------------------------------------
@@ -491,7 +525,7 @@ class KVTierInventory(msgspec.Struct, tag="kv_tier_inventory"):
 
 
 SchedulerInput = Union[TokenizedRequest, AbortRequest, ControlCall, DisaggregatedRequest, PrefillRequest,
-                       PrefillLost, KVReleased, KVReceived, RoleChange, KVTierDone, KVTierInventory]
+                       PrefillLost, KVReleased, KVReceived, RoleChange, KVTierDone, KVTierInventory, MigratedRequest]
 
 
 class KVSend(msgspec.Struct, array_like=True):
@@ -623,6 +657,7 @@ class InstanceLoad(msgspec.Struct, tag="load"):
     finished_req_ids: list[str] = []  # requests that ended since the last report
     num_waiting_blocks: int = 0  # KV blocks the waiting requests' tokens will take
     mean_output_tokens: float = 0.0  # recent mean output tokens of the requests it finished (0: none yet)
+    moved: dict[str, str] = {}  # requests it handed to another instance since the last report -> that instance
 
 
 class KVEventBatch(msgspec.Struct, tag="kv_events"):

@@ -101,3 +101,26 @@ def test_a_draining_instance_takes_no_new_work_and_keeps_its_load_view():
     assert pools.get("p1").load.num_free_blocks == 64
     pools.routed(pools.get("p1"), 3)  # routed in its new pool
     assert pools.get("p1").pending_blocks == 3
+
+
+def test_a_decode_instance_leaving_decode_is_told_to_move_its_streams_to_the_other_decoders():
+    import asyncio
+
+    from xllm.config import RouterConfig
+    from xllm.protocol import MigrationTarget
+    from xllm.router.role_changes import RoleChanges
+
+    pools = _pools()
+    pools.add(InstanceState("d1", "ipc://d1", "inc", role="decode"))
+    sent = []
+
+    async def send(iid, msg):
+        sent.append((iid, msg))
+
+    changes = RoleChanges(pools, RouterConfig(), send, 0.0, control=False)
+    asyncio.run(changes.order("d0", "prefill"))
+    asyncio.run(changes.order("p0", "decode"))
+    (to_d0, leaving_decode), (to_p0, leaving_prefill) = sent
+    assert (to_d0, leaving_decode.role) == ("d0", "prefill")
+    assert leaving_decode.migrate_to == [MigrationTarget("d1", "ipc://d1")]  # not itself
+    assert (to_p0, leaving_prefill.migrate_to) == ("p0", [])  # prefills finish where they are

@@ -43,7 +43,7 @@ from .tokenizer import ModelTokenizer
 
 log = logging.getLogger(__name__)
 
-FORWARDED_CALLS = ("stats", "health", "reset_prefix_cache", "check_integrity")  # answered by the router
+FORWARDED_CALLS = ("stats", "health", "reset_prefix_cache", "check_integrity", "drain")  # answered by the router
 INLINE_CHARS = 8192  # inputs up to this size are tokenized on the loop; larger ones on a thread
 MAX_RESENDS = 2  # a request whose instances keep dying is ended with an error
 
@@ -225,8 +225,9 @@ class FrontendActor(Actor):
         elif call.method in FORWARDED_CALLS:
             own = next(self._calls)
             self.pending_calls[own] = (client, call.call_id)
-            # NOTE: none of these take arguments: a client's args are not passed inside
-            await self.to_router.send(ControlCall(own, call.method))
+            # NOTE: only drain takes an argument (which instance); nothing else of a client's args is passed inside
+            args = {"instance": call.args.get("instance")} if call.method == "drain" else {}
+            await self.to_router.send(ControlCall(own, call.method, args))
         else:
             await self._reply(client, ControlReply(call.call_id, False,
                                                    error=f"unknown method {call.method!r}"))

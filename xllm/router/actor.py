@@ -43,14 +43,14 @@ from ..metastore.registration import PrefixFollower, Registration
 from ..perf_model import ServiceModel
 from ..protocol import (
     AbortRequest, ControlCall, ControlReply, DisaggregatedRequest, ErrorReply, InstanceLoad, InstanceLost,
-    InstanceRecord, InstanceReport, KVEventBatch, PrefillLost, RequestRejected, RoleChanged, RouterInput,
-    RouterRecord, TokenizedRequest,
+    InstanceRecord, InstanceReport, KVEventBatch, MigrationTarget, PrefillLost, RequestRejected, RoleChanged,
+    RouterInput, RouterRecord, TokenizedRequest,
 )
 from .merge import FANNED_OUT, merge
 from .policies import make_policy
 from .slo import SloAware, SloRefused
 from .prefix_index import PrefixIndex
-from .registry import InstanceState, Registries, placement
+from .registry import STOPPING, InstanceState, Registries, placement
 from .role_changes import RoleChanges
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class RouterActor(Actor):
         self.asked: dict[int, tuple[int, str]] = {}  # call id sent to an instance -> (gather, instance)
         self._ids = itertools.count(1)
         self.records: dict[str, InstanceRecord] = {}  # what the store says, lost or not
+        self.drained: dict[str, str] = {}  # instance -> the incarnation drained (no new work for it)
         control = self.cfg.router.adaptive.enabled and plan.of_kind("router")[0].name == spec.name
         self.roles = RoleChanges(self.registry, self.cfg.router, self._to_instance, time.monotonic(), control)
         self.stats = {"routed": 0, "routed_disaggregated": 0, "rejected": 0, "rejected_slo": 0, "instances_lost": 0,
@@ -134,6 +135,8 @@ class RouterActor(Actor):
                                  rec.num_blocks, rec.block_size, rec.max_num_seqs)
         # NOTE: a record that changed (role, profile) keeps the instance's load view
         inst.role, inst.next_role = rec.role, rec.next_role
+        if self.drained.get(rec.instance_id) == rec.incarnation:
+            inst.next_role = inst.next_role or STOPPING  # drained: no new work until it restarts
         inst.model = ServiceModel(rec.profile) if rec.profile is not None else None
         self.registry.add(inst)
 
@@ -217,6 +220,8 @@ class RouterActor(Actor):
                 self.prefill_of.pop(msg.req_id, None)  # its decode side tells the prefill side
                 if where is not None:
                     await self._to_instance(where[0], msg)
+            case ControlCall(method="drain"):
+                await self._drain(frontend, msg)
             case ControlCall():
                 await self._fan_out(frontend, msg)
             case DecodeError():
@@ -292,6 +297,33 @@ class RouterActor(Actor):
             await self._to_instance(iid, ControlCall(own, call.method, reply_to=self.reports_address))
         await self._finish_if_complete(gid)
 
+    async def _drain(self, frontend: bytes, call: ControlCall) -> None:
+        """``drain`` (args: ``instance``): the instance gets no new work from this router and
+        moves its decoding requests to the other instances of its role (migration), so it
+        can be stopped without ending any; answered with the instance's own answer."""
+        iid = call.args.get("instance")
+        inst = self.registry.get(iid) if isinstance(iid, str) else None
+        if inst is None:
+            await self.frontends.send_to(frontend, ControlReply(call.call_id, False, error=(
+                f"drain needs the id of a registered instance, got {iid!r}")))
+            return
+        peers = self.registry.pool(inst.role).instances.values()
+        targets = [MigrationTarget(other.id, other.address) for other in peers if other.id != iid]
+        if not targets:
+            await self.frontends.send_to(frontend, ControlReply(call.call_id, False, error=(
+                f"no other {inst.role} instance to move the requests of {iid} to")))
+            return
+        self.drained[iid] = inst.incarnation
+        self.registry.set_role(iid, inst.role, STOPPING)
+        log.info("draining instance %s: its requests move to %s", iid, ", ".join(t.instance_id for t in targets))
+        gid = next(self._ids)
+        gather = self.gathers[gid] = Gather(frontend, call.call_id, "drain", time.monotonic() + CALL_TIMEOUT_S)
+        own = next(self._ids)
+        self.asked[own] = (gid, iid)
+        gather.replies[iid] = None
+        await self._to_instance(iid, ControlCall(own, "migrate", {"targets": msgspec.to_builtins(targets)},
+                                                 reply_to=self.reports_address))
+
     async def _finish_if_complete(self, gid: int, force: bool = False) -> None:
         gather = self.gathers.get(gid)
         if gather is None or not (force or all(r is not None for r in gather.replies.values())):
@@ -327,6 +359,11 @@ class RouterActor(Actor):
                 for rid in msg.finished_req_ids:
                     if self.placed.get(rid, ("",))[0] == msg.instance_id:  # not its prefill side
                         del self.placed[rid]
+                        self.prefill_of.pop(rid, None)
+                for rid, target in msg.moved.items():  # migration: aborts go where it went
+                    where = self.placed.get(rid)
+                    if where is not None and where[0] == msg.instance_id:
+                        self.placed[rid] = (target, where[1])
                         self.prefill_of.pop(rid, None)
             case KVEventBatch():
                 inst = self.registry.get(msg.instance_id)

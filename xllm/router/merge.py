@@ -31,6 +31,8 @@ def merge(call_id: int, method: str, replies: dict[str, ControlReply | None]) ->
     if not ok:
         reason = "; ".join(f"{i}: {e}" for i, e in failed.items()) or "no instance is registered"
         return ControlReply(call_id, False, error=reason)
+    if method == "drain":  # asked of one instance: its answer
+        return ControlReply(call_id, True, next(iter(ok.values())))
     if method == "check_integrity":
         return ControlReply(call_id, True, _sum(ok.values()))
     if method == "reset_prefix_cache":

@@ -209,6 +209,7 @@ class Registry:
 
 
 DRAINING = "draining"  # the pool of instances changing role: no policy chooses from it
+STOPPING = "stop"  # the next role of a drained instance (its requests moved away; it may be stopped)
 
 
 class Registries:

@@ -3,7 +3,9 @@
 
 An ordered instance leaves its pool at once (``Registries`` puts it in the draining pool:
 no policy chooses it), gets ``RoleChange``, drains, switches, and comes back in its new
-role's pool when its ``RoleChanged`` or its store record says so. Every change is logged
+role's pool when its ``RoleChanged`` or its store record says so. A decode instance
+becoming a prefill instance is told to move its decoding requests to the other decode
+instances (migration) rather than wait for them to finish. Every change is logged
 and counted (``stats``: ``role_changes``, ``role_changes_refused``).
 """
 
@@ -14,7 +16,7 @@ import logging
 from typing import Awaitable, Callable
 
 from ..config import RouterConfig
-from ..protocol import RoleChange, RoleChanged, TokenizedRequest
+from ..protocol import MigrationTarget, RoleChange, RoleChanged, TokenizedRequest
 from .adaptive import RoleController
 from .registry import Registries
 
@@ -45,8 +47,12 @@ class RoleChanges:
         change_id = next(self._ids)
         log.info("role change %d ordered: %s %s -> %s", change_id, instance_id, inst.role, role)
         self.ordered[change_id] = (instance_id, inst.role)
+        leaving_decode = inst.role == "decode" and role != "decode"
         self.registry.set_role(instance_id, inst.role, role)
-        await self.send(instance_id, RoleChange(change_id, role, self.drain_timeout_s))
+        # leaving decode, its decoding requests move to the other decode instances (migration)
+        move_to = [MigrationTarget(i.id, i.address) for i in self.registry.pool("decode").instances.values()
+                   if i.id != instance_id] if leaving_decode else []
+        await self.send(instance_id, RoleChange(change_id, role, self.drain_timeout_s, move_to))
         return change_id
 
     def changed(self, msg: RoleChanged, now: float) -> None:

@@ -36,8 +36,8 @@ from ..metastore.registration import PrefixFollower, Registration
 from ..protocol import (
     AbortRequest, BlockRemoved, BlockStored, ControlCall, ControlReply, DisaggregatedRequest, InstanceLoad,
     InstanceProfile, InstanceRecord, KVEventBatch, KVReceived, KVReleased, KVSendPlan, KVTierDone, KVTierInventory,
-    PrefillLost, PrefillRequest, RequestRejected, RoleChange, RoleChanged, RouterRecord, SchedulerInput, StepResult,
-    TokenizedRequest, WorkerError, WorkerOutput,
+    MigratedRequest, MigrationTarget, PrefillLost, PrefillRequest, RequestRejected, RoleChange, RoleChanged,
+    RouterRecord, SchedulerInput, StepResult, TokenizedRequest, WorkerError, WorkerOutput,
 )
 from .health import PING_INTERVAL_S, WorkerWatch
 from .roles import RoleSwitch
@@ -128,6 +128,8 @@ class SchedulerActor(Actor):
                 await self._on_input(await self._recv(self.inputs))
             if self.core.receiving or self.core.sending:
                 self.core.expire_transfers(time.monotonic())
+            if self.core.leaving or self.core.migrate_targets:
+                self.core.advance_migrations(time.monotonic())
             await self._flush_kv()
             await self._report()
             if self.roles.pending is not None and self.roles.due(self.core.requests.values()):
@@ -163,9 +165,26 @@ class SchedulerActor(Actor):
         if self.to_agent is not None:
             for order in self.core.take_tier_orders():
                 await self.to_agent.send(order)
+        handed = self.core.take_handed()
+        if handed and self.stream:  # what the source streamed goes out before the target streams more
+            await self._send_outputs(self.stream.step_id, self.stream.take())
+        for address, msg in handed:
+            ch = self._route(address)
+            if ch is None:  # nowhere to go: it stays
+                self.core.migration_refused(msg.request.req_id)
+            else:
+                await ch.send(msg)
+        expired = StepOutputs()
+        for req in self.core.take_expired():
+            log.warning("request %s ended: the instance it moved to did not take its KV in time", req.req_id)
+            expired.add(req, [], "abort")
+        if expired.rows:
+            await self._emit(-1, expired)
         out = self.core.take_outbox()
         if out.sends and step_id is not None:
             await self.to_agent.send(KVSendPlan(step_id, out.sends))
+        if out.moves:  # stored by steps already planned: sent once the last of them has run
+            await self.to_agent.send(KVSendPlan(self.core.last_step_id, out.moves))
         for msg in out.to_agent:
             await self.to_agent.send(msg)
         for address, rid in out.aborts:
@@ -208,7 +227,8 @@ class SchedulerActor(Actor):
             await self._to_routers(InstanceLoad(
                 self.instance.id, self.incarnation, len(core.waiting), len(core.running) + len(core.receiving),
                 blocks.num_free_blocks, blocks.num_blocks, core.stats.ttft_s, core.stats.tpot_s, finished,
-                sum(-(-r.num_tokens // blocks.block_size) for r in core.waiting), core.stats.output_tokens))
+                sum(-(-r.num_tokens // blocks.block_size) for r in core.waiting), core.stats.output_tokens,
+                core.take_moved()))
 
     async def _to_routers(self, msg) -> None:
         # NOTE: every router keeps its own view, so each hears everything
@@ -249,6 +269,8 @@ class SchedulerActor(Actor):
                     await self._route(msg.reply_to).send(RequestRejected(msg.req_id, str(exc), "overloaded"))
             case DisaggregatedRequest():
                 await self._on_disaggregated(msg)
+            case MigratedRequest():
+                await self._on_migrated(msg)
             case PrefillRequest():
                 await self._on_prefill(msg)
             case PrefillLost():
@@ -286,7 +308,26 @@ class SchedulerActor(Actor):
         if self.roles.next_role != self.roles.role:
             log.info("role change %d: %s -> %s, draining (%d requests of the old role)", order.change_id,
                      self.roles.role, order.role, self.roles.old_work(self.core.requests.values()))
+            if self.roles.role == "decode" and order.migrate_to and self.to_agent is not None:
+                self.core.start_migrating([t for t in order.migrate_to if t.instance_id != self.instance.id])
             await self.registration.update(self._record())
+
+    def _migrate(self, call: ControlCall) -> ControlReply:
+        """Move every decoding request, now and from now on, to the given instances (a drain)."""
+        try:
+            targets = msgspec.convert(call.args.get("targets", []), list[MigrationTarget])
+        except msgspec.ValidationError as exc:
+            return ControlReply(call.call_id, False, error=f"bad migration targets: {exc}")
+        if self.to_agent is None:
+            return ControlReply(call.call_id, False, error=(
+                f"instance {self.instance.id} has no KV agent, so its requests cannot move (give it a "
+                "prefill or decode role, or KV tiers)"))
+        if not targets or any(t.instance_id == self.instance.id for t in targets):
+            return ControlReply(call.call_id, False, error="migration needs other instances to move to")
+        moving = self.core.start_migrating(targets)
+        log.info("moving every decoding request to %s (%d now)", ", ".join(t.instance_id for t in targets), moving)
+        return ControlReply(call.call_id, True, {"instance_id": self.instance.id, "moving": moving,
+                                                 "left": len(self.core.requests)})
 
     async def _switch_role(self) -> None:
         self.roles.release(self.core)
@@ -312,6 +353,27 @@ class SchedulerActor(Actor):
             await ch.send(RequestRejected(req.req_id, str(exc)))
         except OverflowError as exc:
             await ch.send(RequestRejected(req.req_id, str(exc), "overloaded"))
+
+    async def _on_migrated(self, msg: MigratedRequest) -> None:
+        """A running request moves here; a refusal goes back to its source (it stays there)."""
+        back = self._route(msg.source_address)
+        if back is None:
+            return
+        rid = msg.request.req_id
+        if self.to_agent is None:
+            why = f"instance {self.instance.id} has no KV agent to receive a moving request"
+        elif self._route(msg.request.reply_to) is None:
+            why = "the request names no route for its outputs"
+        else:
+            try:
+                self.core.add_migrated(msg)
+                log.info("request %s moves here from %s (%d tokens of KV)", rid, msg.source_instance,
+                         msg.num_computed_tokens)
+                return
+            except (ValueError, OverflowError) as exc:
+                why = str(exc)
+        log.warning("refused request %s moving from %s: %s", rid, msg.source_instance, why)
+        await back.send(PrefillLost(self.instance.id, [rid], why))
 
     async def _on_prefill(self, msg: PrefillRequest) -> None:
         """A decode instance asks for a prefill; a refusal goes back to it at once."""
@@ -368,4 +430,6 @@ class SchedulerActor(Actor):
                 return ControlReply(call.call_id, True, core.reset_prefix_cache())
             case "check_integrity":
                 return ControlReply(call.call_id, True, core.check_integrity())
+            case "migrate":
+                return self._migrate(call)
         return ControlReply(call.call_id, False, error=f"unknown method {call.method!r}")

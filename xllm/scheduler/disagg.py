@@ -44,6 +44,7 @@ class RemotePrefill:
     deadline: float = 0.0  # monotonic; set when the blocks are announced
     cancelling: bool = False  # KVCancel sent; waiting for the agent's word
     aborted: bool = False  # the client is gone: end it once the agent lets go
+    migrated_tokens: int = 0  # a request moving here (migration): tokens whose KV comes (0: a prompt's)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class RemoteDecode:
     cancelling: bool = False  # KVCancel sent; waiting for the agent's word
     notify: bool = False  # tell the decode side when the agent lets go (it did not ask)
     planned: bool = False  # the agent has heard of it (it may read its blocks)
+    migration: bool = False  # a running request moving there, not a prefill
 
 
 @dataclass
@@ -66,6 +68,7 @@ class KVOutbox:
     """What the scheduler's actor must tell the KV agent (and peers) after a verb."""
 
     sends: list[KVSend] = field(default_factory=list)  # of the step just planned
+    moves: list[KVSend] = field(default_factory=list)  # of migrations: KV already stored, sent at once
     to_agent: list = field(default_factory=list)  # KVExpect, KVSendDone, KVCancel, in order
     aborts: list[tuple[str, str]] = field(default_factory=list)  # (prefill address, req id)
     lost: list[tuple[str, str, str]] = field(default_factory=list)  # (decode address, req id, why)
@@ -111,8 +114,14 @@ class Disaggregation:
                                                                          msg.prefill_address)
 
     def external_tokens(self, req: Request) -> int:
-        """Prompt tokens whose KV will come from elsewhere (0: compute them here)."""
-        return len(req.prompt_token_ids) if req.remote_prefill is not None and not req.output_token_ids else 0
+        """Tokens whose KV will come from elsewhere (0: compute them here): a prompt, or a
+        moving request's all but last."""
+        rp = req.remote_prefill
+        if rp is None:
+            return 0
+        if rp.migrated_tokens:
+            return rp.migrated_tokens
+        return 0 if req.output_token_ids else len(req.prompt_token_ids)
 
     def after_allocate(self, req: Request) -> None:
         """The request's blocks for its external tokens are allocated: announce them."""
@@ -121,7 +130,7 @@ class Disaggregation:
         req.status = Status.RUNNING
         self.receiving[req.req_id] = req
         prefill = PrefillRequest(self._as_tokenized(req), self.instance_id, self.address, self.agent_address,
-                                 list(req.block_ids))
+                                 list(req.block_ids), migration=rp.migrated_tokens > 0)
         self.kv.to_agent.append(KVExpect(req.req_id, list(req.block_ids), prefill, rp.address))
 
     def kv_received(self, msg: KVReceived):
@@ -137,15 +146,20 @@ class Disaggregation:
             self.transfer_stats.kv_transfer_seconds += msg.seconds
             self.transfer_stats.kv_exposed_seconds += msg.exposed_seconds
             req.remote_prefill = None
+            self.running.append(req)
+            if rp.migrated_tokens:  # a moving request: it decodes on from its last token
+                req.num_computed_tokens = rp.migrated_tokens
+                self.migration_stats.migrated_in += 1
+                return None
             req.num_computed_tokens = len(req.prompt_token_ids)
             req.num_cached_tokens = msg.num_cached_tokens
-            self.running.append(req)
             return req
         if rp.aborted:  # its abort was reported already; the blocks are free to go now
             self._drop_transfer(req)
             return None
         self.transfer_stats.kv_transfer_failures += 1
         self.transfer_stats.kv_recomputed += 1
+        self.migration_stats.migration_failures += rp.migrated_tokens > 0
         self.blocks.free(req)
         req.remote_prefill = None
         req.num_computed_tokens = 0
@@ -153,8 +167,11 @@ class Disaggregation:
         return None
 
     def prefill_lost(self, req_ids: list[str], why: str) -> None:
-        """The prefill side cannot deliver these: cancel (then recompute) each one."""
+        """The prefill side cannot deliver these: cancel (then recompute) each one. (From a
+        migration's target: it refused a request moving from here, which stays.)"""
         for rid in req_ids:
+            if self.migration_refused(rid):  # a target refused a request moving from here
+                continue
             req = self.requests.get(rid)
             if req is None or req.remote_prefill is None:
                 continue
@@ -168,7 +185,7 @@ class Disaggregation:
         if not rp.cancelling:
             rp.cancelling = True
             self.kv.to_agent.append(KVCancel(req.req_id))
-            if abort_prefill:
+            if abort_prefill and not rp.migrated_tokens:  # a moving request's source lets go on its agent's word
                 self.kv.aborts.append((rp.address, req.req_id))
 
     def _drop_transfer(self, req: Request) -> None:
@@ -178,14 +195,20 @@ class Disaggregation:
         self.requests.pop(req.req_id, None)
         self.finished_since_report.append(req.req_id)
 
-    def _as_tokenized(self, req: Request):
+    def _as_tokenized(self, req: Request, reply_to: str = ""):
         return TokenizedRequest(req.req_id, list(req.prompt_token_ids), req.sampling, sorted(req.eos_token_ids),
-                                req.arrival_time, req.priority, req.offline, "", list(req.block_hashes),
+                                req.arrival_time, req.priority, req.offline, reply_to, list(req.block_hashes),
                                 self.blocks.block_size if req.block_hashes else 0)
 
     # -- prefill side ---------------------------------------------------------------------------
     def add_prefill(self, msg: PrefillRequest) -> None:
-        """Queue a prefill for another instance (raises like ``add_request``)."""
+        """Queue a prefill for another instance (raises like ``add_request``); or, for a
+        request moving from here, send its KV (``Migration.send_migrated``)."""
+        if msg.migration:
+            why = self.send_migrated(msg)
+            if why:
+                raise ValueError(why)
+            return
         n = len(msg.request.prompt_token_ids)
         if len(msg.block_ids) * self.blocks.block_size < n:
             raise ValueError(f"the decode side gave {len(msg.block_ids)} blocks for {n} prompt tokens")
@@ -234,6 +257,15 @@ class Disaggregation:
         if req is None:
             return
         rd = req.remote_decode
+        if rd.migration:  # a request that moved: the target has its KV, or recomputes it
+            if msg.ok:
+                self.migration_stats.migrated_out += 1
+            else:
+                self.migration_stats.migration_failures += 1
+            self.transfer_stats.kv_transfer_bytes += msg.num_bytes
+            self.blocks.free(req)
+            self.requests.pop(req.req_id, None)
+            return
         if msg.ok:
             self.transfer_stats.kv_transfers += 1
             self.transfer_stats.kv_transfer_bytes += msg.num_bytes

@@ -11,6 +11,7 @@ from ..protocol import SamplingParams, TokenizedRequest
 class Status(enum.Enum):
     WAITING = "waiting"  # new, or preempted and waiting to be recomputed
     RUNNING = "running"
+    MOVING = "moving"  # leaving for another instance (migration): no new step; its blocks held
     FINISHED = "finished"
 
 

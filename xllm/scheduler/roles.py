@@ -8,9 +8,9 @@ router placed before it heard of the change still arrives). So a change never re
 request; it waits until the old role's requests have left (``drained``), or until the
 order's drain timeout, and then switches (what is left finishes beside the new work).
 
-NOTE (hook): running requests are drained, not moved. Moving them to another instance
-(the KV tiers' migration) would go in ``RoleSwitch.release``: the one place that may
-hand the old role's requests elsewhere before the switch.
+Leaving decode, an order that names other decode instances (``RoleChange.migrate_to``)
+moves the decoding requests there (``scheduler.migration``) instead of waiting for them
+to finish; the scheduler's actor starts that with the change, and ``release`` ends it.
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ class RoleSwitch:
         return prefilling if self.role == "prefill" else len(requests) - prefilling
 
     def release(self, core) -> None:
-        """Hand the old role's running requests elsewhere before the switch. Today they are
-        drained where they are (nothing to do); migration plugs in here."""
+        """At the switch: no more requests start moving elsewhere (those on their way
+        finish moving)."""
+        core.stop_migrating()
 
     def due(self, requests, now: float | None = None) -> bool:
         """True when the change can be made: nothing of the old role is left, or the order's

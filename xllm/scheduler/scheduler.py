@@ -20,6 +20,7 @@ from ..config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from ..protocol import NewRequestData, StepPlan, StepResult, TokenBatch, TokenizedRequest
 from .block_manager import BlockManager
 from .disagg import Disaggregation
+from .migration import Migration
 from .policy import Policy
 from .request import Request, Status
 from .tiers import KVTiers, TierVerbs
@@ -80,6 +81,7 @@ class SchedulerStats:
     total_prompt_tokens: int = 0
     total_output_tokens: int = 0
     num_continued_steps: int = 0  # decode steps workers ran from a plan after its first (multi-step)
+    forward_seconds: float = 0.0  # the workers' time in forward passes and sampling, summed over steps
     spec_num_drafts: int = 0  # speculative decoding: requests' steps that verified drafts
     spec_draft_tokens: int = 0  # draft tokens proposed
     spec_accepted_tokens: int = 0  # draft tokens accepted
@@ -115,9 +117,10 @@ class SchedulerStats:
         req.last_token_time = now
 
 
-class Scheduler(Disaggregation, TierVerbs):
+class Scheduler(Disaggregation, Migration, TierVerbs):
     """Continuous batching over a paged KV cache. Verbs: add, abort, schedule, update;
-    the hooks of prefill/decode disaggregation (``disagg``) and the KV tiers' (``tiers``)."""
+    the hooks of prefill/decode disaggregation (``disagg``), migration (``migration``) and
+    the KV tiers' (``tiers``)."""
 
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, max_model_len: int,
                  speculative: SpeculativeConfig = SpeculativeConfig()) -> None:
@@ -138,6 +141,7 @@ class Scheduler(Disaggregation, TierVerbs):
         self._planned: dict[int, list[tuple[Request, int, int]]] = {}
         self.stats = SchedulerStats()
         self._init_disaggregation(sched.kv_transfer_timeout_s)
+        self._init_migration()
 
     # -- requests in ------------------------------------------------------------------------
     def add_request(self, msg: TokenizedRequest) -> None:
@@ -169,13 +173,22 @@ class Scheduler(Disaggregation, TierVerbs):
         """End a request now and free its blocks; returns it, or None if unknown."""
         req = self.requests.get(req_id)
         if req is None or (req.status is Status.FINISHED and req_id not in self.sending):
+            if req is None:
+                self.forward_abort(req_id)  # it moved on from here
             return None
+        if self.abort_leaving(req):
+            return None  # it is the target's now: the target ends it
         self.stats.num_aborted += 1
         if not self.abort_transfer(req):
             self._finish(req, "abort")
         return req
 
     # -- planning ---------------------------------------------------------------------------
+    @property
+    def last_step_id(self) -> int:
+        """The id of the last step planned (0: none yet)."""
+        return self._step_id
+
     def has_work(self) -> bool:
         """True if a step could be planned now."""
         return any(self._tokens_to_compute(r) for r in self.running) or any(
@@ -376,6 +389,7 @@ class Scheduler(Disaggregation, TierVerbs):
         received: dict[str, int] = {}  # req id -> tokens it got in this step
         now = time.time()
         self.tiers.stats.kv_load_wait_seconds += result.kv_load_wait_s
+        self.stats.forward_seconds += result.forward_s
         for req_id, token in zip(result.req_ids, result.token_ids):
             req = self.requests.get(req_id)
             if req is None or req.num_placeholders == 0:
@@ -462,6 +476,9 @@ class Scheduler(Disaggregation, TierVerbs):
             self.running.remove(req)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
+        elif req.status is Status.MOVING:  # ended by a token in flight before it left
+            self.leaving.pop(req.req_id, None)
+            self._leaving.pop(req.req_id, None)
         self.blocks.free(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
@@ -492,6 +509,7 @@ class Scheduler(Disaggregation, TierVerbs):
             "prefix_cache_hit_rate": b.num_hits / b.num_queries if b.num_queries else 0.0,
             **self.stats.__dict__,
             **self.transfer_snapshot(),
+            **self.migration_snapshot(),
             **self.tiers.snapshot(),
         }
 
