@@ -58,7 +58,9 @@ SUBJECTS = ("a robot who learns to paint", "a lighthouse keeper", "a city under 
             "a scientist's last experiment", "a forgotten song", "a bridge between two worlds",
             "a winter without snow", "a market in the sky", "the last bookshop")
 OPEN_TEMPLATES = ("Write a short story about {}.", "Write a poem about {}.", "Describe {} in vivid detail.",
-                  "List ten ideas for a film about {}, with one sentence each.")
+                  "List ten ideas for a film about {}, with one sentence each.", "Write a diary entry about {}.",
+                  "Tell a fairy tale about {}.", "Write the opening page of a novel about {}.",
+                  "Write a song about {}.")
 
 
 def grounded_texts(n: int) -> list[str]:
