@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from xllm.scheduler.scheduler import StepOutputs
+from xllm.scheduler.outputs import StepOutputs
 from xllm.scheduler.stream import StreamBuffer
 
 

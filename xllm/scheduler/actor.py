@@ -41,7 +41,8 @@ from ..protocol import (
 )
 from .health import PING_INTERVAL_S, WorkerWatch
 from .roles import RoleSwitch
-from .scheduler import Scheduler, StepOutputs
+from .outputs import StepOutputs
+from .scheduler import Scheduler
 from .stream import StreamBuffer
 
 log = logging.getLogger(__name__)

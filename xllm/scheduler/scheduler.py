@@ -14,107 +14,17 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 from ..config import CacheConfig, SchedulerConfig, SpeculativeConfig
-from ..protocol import NewRequestData, StepPlan, StepResult, TokenBatch, TokenizedRequest
+from ..protocol import NewRequestData, StepPlan, StepResult, TokenizedRequest
 from .block_manager import BlockManager
 from .disagg import Disaggregation
 from .migration import Migration
+from .outputs import StepOutputs
 from .policy import Policy
 from .request import Request, Status
+from .stats import SchedulerStats
 from .tiers import KVTiers, TierVerbs
-
-
-class StepOutputs:
-    """What a step result means for the frontend: one row per request, turned into the
-    columns of a ``TokenBatch`` by ``to_batch``."""
-
-    __slots__ = ("rows",)
-
-    def __init__(self) -> None:
-        self.rows: list[tuple] = []
-
-    def add(self, req: Request, tokens: list[int], reason: str | None, logprobs=None) -> None:
-        self.rows.append((req.req_id, tokens, reason, max(req.num_cached_tokens, 0),
-                          req.queue_time or 0.0, logprobs, req.reply_to))
-
-    def _column(self, i: int) -> list:
-        return [row[i] for row in self.rows]
-
-    @property
-    def req_ids(self) -> list[str]:
-        return self._column(0)
-
-    @property
-    def new_token_ids(self) -> list[list[int]]:
-        return self._column(1)
-
-    @property
-    def finish_reasons(self) -> list[str | None]:
-        return self._column(2)
-
-    def to_batches(self, step_id: int, instance_id: str = "") -> dict[str, TokenBatch]:
-        """One ``TokenBatch`` per route (the frontend each request came from)."""
-        by_route: dict[str, list[tuple]] = {}
-        for row in self.rows:
-            by_route.setdefault(row[6], []).append(row)
-        batches = {}
-        for route, rows in by_route.items():
-            ids, tokens, reasons, cached, queue, logprobs, _ = map(list, zip(*rows))
-            batches[route] = TokenBatch(step_id, ids, tokens, reasons, cached, queue,
-                                        logprobs if any(x is not None for x in logprobs) else [], instance_id)
-        return batches
-
-
-@dataclass
-class SchedulerStats:
-    """Counters kept across the scheduler's life (reported by the ``stats`` control call)."""
-
-    num_steps: int = 0
-    num_preemptions: int = 0
-    num_finished: int = 0
-    num_aborted: int = 0
-    last_step_tokens: int = 0
-    last_step_seqs: int = 0
-    total_scheduled_tokens: int = 0
-    total_prompt_tokens: int = 0
-    total_output_tokens: int = 0
-    num_continued_steps: int = 0  # decode steps workers ran from a plan after its first (multi-step)
-    forward_seconds: float = 0.0  # the workers' time in forward passes and sampling, summed over steps
-    spec_num_drafts: int = 0  # speculative decoding: requests' steps that verified drafts
-    spec_draft_tokens: int = 0  # draft tokens proposed
-    spec_accepted_tokens: int = 0  # draft tokens accepted
-    spec_accepted_per_position: list = field(default_factory=list)  # [j]: drafts accepted at position j
-
-    def observe_drafts(self, counts: dict) -> None:
-        """Fold one step's (proposed, accepted) draft counts per request in."""
-        for proposed, accepted in counts.values():
-            self.spec_num_drafts += 1
-            self.spec_draft_tokens += proposed
-            self.spec_accepted_tokens += accepted
-            per = self.spec_accepted_per_position
-            per.extend([0] * (proposed - len(per)))
-            for j in range(accepted):
-                per[j] += 1
-    ttft_s: float = 0.0  # moving mean of arrival -> first token
-    tpot_s: float = 0.0  # moving mean of the gap between output tokens
-    output_tokens: float = 0.0  # moving mean of a finished request's output tokens (0: none yet)
-
-    def observe_finished(self, req: "Request") -> None:
-        """Fold a finished request's output length into its mean (weight 1/16)."""
-        n = req.num_output_tokens
-        self.output_tokens = n if not self.output_tokens else self.output_tokens + (n - self.output_tokens) / 16
-
-    def observe_token(self, req: "Request", now: float) -> None:
-        """Fold one output token of ``req`` into the latency means (weight 1/16)."""
-        if req.last_token_time is None:
-            ttft = max(0.0, now - req.arrival_time)
-            self.ttft_s = ttft if not self.ttft_s else self.ttft_s + (ttft - self.ttft_s) / 16
-        else:
-            gap = now - req.last_token_time
-            self.tpot_s = gap if not self.tpot_s else self.tpot_s + (gap - self.tpot_s) / 16
-        req.last_token_time = now
 
 
 class Scheduler(Disaggregation, Migration, TierVerbs):

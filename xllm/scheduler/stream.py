@@ -12,7 +12,7 @@ brings several tokens per step: they count as that many.
 
 from __future__ import annotations
 
-from .scheduler import StepOutputs
+from .outputs import StepOutputs
 
 
 class StreamBuffer:
