@@ -670,7 +670,15 @@ class KVEventBatch(msgspec.Struct, tag="kv_events"):
     cleared: bool = False  # the whole cache, every tier, was reset (before ``stored``)
 
 
-InstanceReport = Union[InstanceLoad, KVEventBatch, ControlReply, RoleChanged]
+class InstanceLeaving(msgspec.Struct, tag="leaving"):
+    """Scheduler -> every router: this instance is about to stop cleanly; send it no new
+    work and move its decoding requests to the other instances of its role (as ``drain``)."""
+
+    instance_id: str
+    incarnation: str
+
+
+InstanceReport = Union[InstanceLoad, KVEventBatch, ControlReply, RoleChanged, InstanceLeaving]
 
 
 # --------------------------------------------------------------------------------------
@@ -798,7 +806,15 @@ class ActorFailed(msgspec.Struct, tag="failed"):
     pid: int = 0  # the failed process (the supervisor ignores one it already replaced)
 
 
-LauncherInput = Union[ActorReady, ActorFailed]
+class ActorDrained(msgspec.Struct, tag="drained"):
+    """A scheduler asked to drain before a clean stop (SIGUSR1 from its launcher) holds no
+    request any more: each moved to another instance or finished."""
+
+    name: str
+    pid: int
+
+
+LauncherInput = Union[ActorReady, ActorFailed, ActorDrained]
 
 ALL_UNIONS = {
     "client": ClientMessage,

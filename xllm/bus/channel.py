@@ -65,14 +65,23 @@ class Channel:
             raise
         return True
 
+    async def _frames(self) -> list:
+        while True:
+            try:
+                return await self.sock.recv_multipart(copy=False)
+            except zmq.Again:
+                # NOTE: libzmq may say a socket is readable with nothing to read (seen on a
+                # CURVE peer's first connection); wait for the message that follows
+                continue
+
     async def recv(self) -> Any:
         """The next message; raises ``DecodeError`` for one that does not fit the schema."""
-        frames = await self.sock.recv_multipart(copy=False)
+        frames = await self._frames()
         return self._dec.decode(frames)
 
     async def recv_from(self) -> tuple[bytes, Any]:
         """(identity, message) from a ROUTER socket; the message may be a ``DecodeError``."""
-        frames = await self.sock.recv_multipart(copy=False)
+        frames = await self._frames()
         identity = frames[0].bytes
         try:
             return identity, self._dec.decode(frames[1:])

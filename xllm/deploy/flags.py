@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--role", default="all", choices=HOST_ROLES,
                    help="what this host runs: all of it; the service side (routers, frontends, HTTP); "
                         "or instances only")
+    g.add_argument("--drain-on-stop", type=float, default=30.0, metavar="SECONDS",
+                   help="with --role instance: on SIGTERM/SIGINT, first have the routers move this host's "
+                        "running requests to other instances (the rest finish here), for at most this long "
+                        "(a second signal cuts it short; 0: stop at once)")
     g.add_argument("--metastore", default="embedded",
                    help="embedded (this host's own store) or etcd://HOST:PORT (needed with --role "
                         "router/instance)")

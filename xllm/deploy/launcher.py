@@ -245,6 +245,15 @@ async def serve(plan: DeploymentPlan, plan_file: Path, args: argparse.Namespace)
               f"SDK address {plan.sdk_address if plan.of_kind('frontend') else 'none (instance host)'}"
               + (f"; HTTP {http}" if http else ""), flush=True)
         await sup.watch(stop)
+        if args.role == "instance" and args.drain_on_stop > 0:
+            log.info("draining before the stop (at most %.0f s): the routers move running requests elsewhere",
+                     args.drain_on_stop)
+            hurry = asyncio.Event()  # a second signal: stop now
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, hurry.set)
+            left = await sup.drain(args.drain_on_stop, hurry)
+            if left:
+                log.warning("stopping with requests still on %s", ", ".join(left))
         log.info("shutting down")
         return 0
     except DeploymentFailed as exc:

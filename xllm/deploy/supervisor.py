@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from ..bus.channel import Channel
-from ..protocol import ActorFailed, ActorReady, LauncherInput
+from ..protocol import ActorDrained, ActorFailed, ActorReady, LauncherInput
 from .plan import ActorSpec, DeploymentPlan
 
 log = logging.getLogger("xllm.deploy")
@@ -68,6 +68,7 @@ class Supervisor:
         self.plan = plan
         self.actors = [self._process(spec, plan_file) for spec in plan.actors]
         self.ready: dict[str, ActorReady] = {}
+        self.drained: set[str] = set()  # schedulers that hold no request after a drain before stopping
         # NOTE: an instance that is one of several (here, or on other hosts through etcd)
         # is restarted when it fails while the others serve; a deployment of one instance,
         # and any dead service actor, stops (a host's supervisor, such as systemd, restarts
@@ -108,6 +109,9 @@ class Supervisor:
             case ActorReady():
                 self.ready[msg.name] = msg
                 log.info("%s ready (pid %d)", msg.name, msg.pid)
+            case ActorDrained():
+                self.drained.add(msg.name)
+                log.info("%s holds no request: ready to stop", msg.name)
             case ActorFailed():
                 # NOTE: a dead actor makes its peers fail too (a broken collective, a step
                 # error); name the dead one, the root cause, when there is one.
@@ -169,6 +173,23 @@ class Supervisor:
                 continue
 
     # -- stop -------------------------------------------------------------------------------
+    async def drain(self, timeout: float, hurry: asyncio.Event | None = None) -> list[str]:
+        """Before a clean stop: ask every scheduler here to drain (SIGUSR1: the routers move
+        its decoding requests elsewhere, the rest finish), and wait until each says it holds
+        nothing, or ``timeout`` seconds (or ``hurry``). Returns the schedulers that did not."""
+        schedulers = [a for a in self.actors if a.spec.kind == "scheduler" and a.death() is None]
+        for a in schedulers:
+            _signal(a.proc, signal.SIGUSR1)
+        self.drained.clear()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not (hurry is not None and hurry.is_set()) and any(
+                a.name not in self.drained and a.death() is None for a in schedulers):
+            try:
+                await self._read_inbox(0.1)
+            except msgspec.DecodeError:
+                continue
+        return [a.name for a in schedulers if a.name not in self.drained and a.death() is None]
+
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every live actor, SIGKILL what is left after ``grace`` seconds."""
         _stop_all([a.proc for a in self.actors], grace)

@@ -43,8 +43,8 @@ from ..metastore.registration import PrefixFollower, Registration
 from ..perf_model import ServiceModel
 from ..protocol import (
     AbortRequest, ControlCall, ControlReply, DisaggregatedRequest, ErrorReply, InstanceLoad, InstanceLost,
-    InstanceRecord, InstanceReport, KVEventBatch, MigrationTarget, PrefillLost, RequestRejected, RoleChanged,
-    RouterInput, RouterRecord, TokenizedRequest,
+    InstanceLeaving, InstanceRecord, InstanceReport, KVEventBatch, MigrationTarget, PrefillLost, RequestRejected,
+    RoleChanged, RouterInput, RouterRecord, TokenizedRequest,
 )
 from .merge import FANNED_OUT, merge
 from .policies import make_policy
@@ -304,25 +304,32 @@ class RouterActor(Actor):
         iid = call.args.get("instance")
         inst = self.registry.get(iid) if isinstance(iid, str) else None
         if inst is None:
-            await self.frontends.send_to(frontend, ControlReply(call.call_id, False, error=(
-                f"drain needs the id of a registered instance, got {iid!r}")))
-            return
+            error = f"drain needs the id of a registered instance, got {iid!r}"
+        else:
+            error = await self._start_drain(inst, frontend, call.call_id)
+        if error:
+            await self.frontends.send_to(frontend, ControlReply(call.call_id, False, error=error))
+
+    async def _start_drain(self, inst: InstanceState, frontend: bytes | None = None, call_id: int = 0) -> str:
+        """Take ``inst`` out of service and order its requests moved; "" or why not. With a
+        ``frontend``, the instance's answer goes there (else it is not waited for)."""
         peers = self.registry.pool(inst.role).instances.values()
-        targets = [MigrationTarget(other.id, other.address) for other in peers if other.id != iid]
+        targets = [MigrationTarget(other.id, other.address) for other in peers if other.id != inst.id]
+        if frontend is None or targets:  # NOTE: a stopping instance leaves service with or without peers
+            self.drained[inst.id] = inst.incarnation
+            self.registry.set_role(inst.id, inst.role, STOPPING)
         if not targets:
-            await self.frontends.send_to(frontend, ControlReply(call.call_id, False, error=(
-                f"no other {inst.role} instance to move the requests of {iid} to")))
-            return
-        self.drained[iid] = inst.incarnation
-        self.registry.set_role(iid, inst.role, STOPPING)
-        log.info("draining instance %s: its requests move to %s", iid, ", ".join(t.instance_id for t in targets))
-        gid = next(self._ids)
-        gather = self.gathers[gid] = Gather(frontend, call.call_id, "drain", time.monotonic() + CALL_TIMEOUT_S)
+            return f"no other {inst.role} instance to move the requests of {inst.id} to"
+        log.info("draining instance %s: its requests move to %s", inst.id, ", ".join(t.instance_id for t in targets))
         own = next(self._ids)
-        self.asked[own] = (gid, iid)
-        gather.replies[iid] = None
-        await self._to_instance(iid, ControlCall(own, "migrate", {"targets": msgspec.to_builtins(targets)},
-                                                 reply_to=self.reports_address))
+        if frontend is not None:
+            gid = next(self._ids)
+            gather = self.gathers[gid] = Gather(frontend, call_id, "drain", time.monotonic() + CALL_TIMEOUT_S)
+            self.asked[own] = (gid, inst.id)
+            gather.replies[inst.id] = None
+        await self._to_instance(inst.id, ControlCall(own, "migrate", {"targets": msgspec.to_builtins(targets)},
+                                                     reply_to=self.reports_address))
+        return ""
 
     async def _finish_if_complete(self, gid: int, force: bool = False) -> None:
         gather = self.gathers.get(gid)
@@ -374,6 +381,12 @@ class RouterActor(Actor):
                 self._index_events(msg)
             case RoleChanged():
                 self.roles.changed(msg, time.monotonic())
+            case InstanceLeaving():  # it stops soon: as a drain (its requests finish there without peers)
+                inst = self.registry.get(msg.instance_id)
+                if inst is not None and inst.incarnation in ("", msg.incarnation) \
+                        and self.drained.get(msg.instance_id) != msg.incarnation:
+                    why = await self._start_drain(inst)
+                    log.info("instance %s is stopping%s", msg.instance_id, f" ({why})" if why else "")
             case ControlReply():
                 gid, iid = self.asked.pop(msg.call_id, (None, None))
                 if gid is not None and gid in self.gathers:

@@ -14,12 +14,20 @@ in the store also carries the service times its workers measured at start (the
 ``profile`` control call to rank 0), which the routers predict with. The
 router hears the instance's load about twice a second and its prefix-cache changes
 as they happen (``InstanceLoad``, ``KVEventBatch``), and asks it control calls.
+
+Migration (``migration``): told to move its decoding requests (the ``migrate`` control
+call of a drain, or a role change away from decode), it hands each to another instance,
+which pulls its KV. Before a clean stop its launcher sends SIGUSR1: it tells the routers it
+is leaving (they drain it) and tells the launcher once it holds no request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import os
+import signal
 import time
 import uuid
 
@@ -34,8 +42,8 @@ from ..deploy.plan import ActorSpec, DeploymentPlan
 from ..metastore import keys, open_store
 from ..metastore.registration import PrefixFollower, Registration
 from ..protocol import (
-    AbortRequest, BlockRemoved, BlockStored, ControlCall, ControlReply, DisaggregatedRequest, InstanceLoad,
-    InstanceProfile, InstanceRecord, KVEventBatch, KVReceived, KVReleased, KVSendPlan, KVTierDone, KVTierInventory,
+    AbortRequest, ActorDrained, BlockRemoved, BlockStored, ControlCall, ControlReply, DisaggregatedRequest, InstanceLoad,
+    InstanceLeaving, InstanceProfile, InstanceRecord, KVEventBatch, KVReceived, KVReleased, KVSendPlan, KVTierDone, KVTierInventory,
     MigratedRequest, MigrationTarget, PrefillLost, PrefillRequest, RequestRejected, RoleChange, RoleChanged,
     RouterRecord, SchedulerInput, StepResult, TokenizedRequest, WorkerError, WorkerOutput,
 )
@@ -74,6 +82,7 @@ class SchedulerActor(Actor):
         self.roles = RoleSwitch(self.instance.role)  # what the routers send it; changed at run time
         self.profile: InstanceProfile | None = None  # measured by the workers, published in the record
         self._profile_asked = False
+        self.drain_state = ""  # a clean stop is coming (SIGUSR1): "asked", then "announced", then "drained"
 
     async def setup(self) -> dict:
         plan, inst = self.plan, self.instance.id
@@ -90,7 +99,26 @@ class SchedulerActor(Actor):
             self.core.agent_address = plan.kv_agent_in(inst)
             self.core.instance_id, self.core.address = inst, plan.scheduler_in(inst)
         self._register()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._leave)
         return {"num_blocks": self.cfg.cache.num_blocks, "incarnation": self.incarnation}
+
+    def _leave(self) -> None:
+        """SIGUSR1 from the launcher: a clean stop is coming. The routers are told (they send
+        no new work and order the decoding requests moved); the launcher hears once nothing
+        is left here."""
+        self.drain_state = self.drain_state or "asked"
+
+    async def _advance_leaving(self) -> None:
+        if self.drain_state == "asked":
+            self.drain_state = "announced"
+            log.info("stopping: %d requests to move or finish first", len(self.core.requests))
+            await self._to_routers(InstanceLeaving(self.instance.id, self.incarnation))
+        if self.drain_state == "announced" and not self.core.requests:
+            self.drain_state = "drained"
+            log.info("stopping: no request left")
+            self._next_report = 0.0  # the routers hear where its requests went before it goes
+            await self._report()
+            await self._notify(ActorDrained(self.name, os.getpid()))
 
     def _register(self) -> None:
         """Put this instance in the store (under a lease) and follow the routers there."""
@@ -131,6 +159,8 @@ class SchedulerActor(Actor):
                 self.core.expire_transfers(time.monotonic())
             if self.core.leaving or self.core.migrate_targets:
                 self.core.advance_migrations(time.monotonic())
+            if self.drain_state:
+                await self._advance_leaving()
             await self._flush_kv()
             await self._report()
             if self.roles.pending is not None and self.roles.due(self.core.requests.values()):
