@@ -1,6 +1,7 @@
 """W9: speculative decoding on a real model, against no speculation, in one run.
 
-    python -m bench.w9_spec [--methods none,suffix,ngram] [--max-tokens 128]
+    python -m bench.w9_spec [--methods none,suffix,ngram] [--max-tokens 128] [--rounds 2]
+    python -m bench.w9_spec --phases "open batch 32" --rounds 5
 
 Two kinds of task through the model's chat template, greedy:
 
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2, help="rounds of every phase (new requests each), methods alternating")
+    p.add_argument("--phases", default="", help="comma-separated phase names to run (default: every phase), "
+                                                 "e.g. 'open batch 32'")
     add_launch_args(p)
     args = p.parse_args(argv)
     model = resolve_model(args.model)
@@ -178,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     phases = {"grounded, 1 stream": ("grounded", 4, False), "open, 1 stream": ("open", 4, False),
               "grounded, batch 8": ("grounded", 8, True), "open, batch 8": ("open", 8, True),
               "open, batch 32": ("open", 32, True)}
+    if args.phases:
+        wanted = {name.strip() for name in args.phases.split(",")}
+        unknown = wanted - {name.replace(",", "") for name in phases}
+        if unknown:
+            p.error(f"unknown phases {sorted(unknown)}; the phases: {', '.join(n.replace(',', '') for n in phases)}")
+        phases = {name: v for name, v in phases.items() if name.replace(",", "") in wanted}
     need = {kind: args.rounds * sum(n for k, n, _ in phases.values() if k == kind) for kind in ("grounded", "open")}
     pools = {"grounded": iter(prompts(tok, grounded_texts(need["grounded"]))),
              "open": iter(prompts(tok, open_texts(need["open"])))}
