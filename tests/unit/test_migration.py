@@ -172,6 +172,12 @@ def test_prompts_are_not_moved_until_they_decode_and_the_target_refuses_what_can
     bad = msgspec.structs.replace(msg, num_computed_tokens=msg.num_computed_tokens - 1)
     with pytest.raises(ValueError, match="only a decoding request"):
         b.add_migrated(bad)
+    # past the context (it could never get its blocks, and would hold the queue's head)
+    long = msgspec.structs.replace(msg, output_token_ids=[5] * 300, num_computed_tokens=40 + 300 - 1,
+                                   request=msgspec.structs.replace(msg.request, sampling=SamplingParams(
+                                       max_tokens=400, temperature=0.0)))
+    with pytest.raises(ValueError, match="context"):
+        b.add_migrated(long)
     assert b.requests == {}
 
 

@@ -206,6 +206,8 @@ class Migration:
                              "only a decoding request (all but its last token) can move")
         if out >= msg.request.sampling.max_tokens:
             raise ValueError("the moving request has all its output tokens")
+        if n + out >= self.max_model_len:
+            raise ValueError(f"the moving request holds {n + out} tokens; the context is {self.max_model_len}")
         self.add_request(msg.request)
         self.moved_to.pop(msg.request.req_id, None)  # it is here again (it may have left before)
         req = self.requests[msg.request.req_id]
