@@ -658,6 +658,7 @@ class InstanceLoad(msgspec.Struct, tag="load"):
     num_waiting_blocks: int = 0  # KV blocks the waiting requests' tokens will take
     mean_output_tokens: float = 0.0  # recent mean output tokens of the requests it finished (0: none yet)
     moved: dict[str, str] = {}  # requests it handed to another instance since the last report -> that instance
+    num_prefill_tokens: int = 0  # prompt tokens its running requests have yet to compute (a prefill in progress)
 
 
 class KVEventBatch(msgspec.Struct, tag="kv_events"):

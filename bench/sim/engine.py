@@ -206,10 +206,10 @@ class Simulation:
         return pre, dec
 
     def _report(self, inst: SimInstance) -> None:
-        waiting, running, free, waiting_blocks = inst.load()
+        waiting, running, free, waiting_blocks, left = inst.load()
         self.registry.report(InstanceLoad(inst.id, "sim", waiting, running, free, inst.num_blocks, inst.ttft_mean,
                                           inst.tpot_mean, num_waiting_blocks=waiting_blocks,
-                                          mean_output_tokens=inst.output_mean))
+                                          mean_output_tokens=inst.output_mean, num_prefill_tokens=left))
 
     def _control(self, t: float) -> None:
         ctl = self.controller

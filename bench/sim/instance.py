@@ -312,11 +312,13 @@ class SimInstance:
             self.sim.index.removed(self.id, gone)
 
     # -- the router's view -----------------------------------------------------------------------
-    def load(self) -> tuple[int, int, int, int]:
-        """(waiting, running, free blocks, blocks of the waiting requests' tokens)."""
+    def load(self) -> tuple[int, int, int, int, int]:
+        """(waiting, running, free blocks, blocks of the waiting requests' tokens, prompt
+        tokens the admitted ones have yet to compute)."""
         waiting = [j for j in self.prefill_q if not j.admitted] + list(self.expect_q)
         blocks = sum(self._blocks(j.req.prompt) for j in waiting)
-        return len(waiting), self._running(), self.num_blocks - self.used, blocks
+        left = sum(j.req.prompt - j.cached - j.done for j in self.prefill_q if j.admitted)
+        return len(waiting), self._running(), self.num_blocks - self.used, blocks, left
 
     def old_work(self) -> int:
         """Requests of the role it is leaving (see ``xllm.scheduler.roles``)."""

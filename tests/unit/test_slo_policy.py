@@ -28,11 +28,13 @@ def request(prompt: list[int], max_tokens: int = 64) -> TokenizedRequest:
 
 
 def instance(reg: Registry, iid: str, waiting: int = 0, waiting_blocks: int = 0, running: int = 0,
-             free: int = 1000, profile: InstanceProfile = PROFILE, max_num_seqs: int = 64) -> InstanceState:
+             free: int = 1000, profile: InstanceProfile = PROFILE, max_num_seqs: int = 64,
+             prefilling: int = 0) -> InstanceState:
     inst = InstanceState(iid, f"ipc://{iid}", "x", num_blocks=1000, block_size=BS, max_num_seqs=max_num_seqs)
     inst.model = ServiceModel(profile)
     reg.add(inst)
-    reg.report(InstanceLoad(iid, "x", waiting, running, free, 1000, 0.0, 0.0, num_waiting_blocks=waiting_blocks))
+    reg.report(InstanceLoad(iid, "x", waiting, running, free, 1000, 0.0, 0.0, num_waiting_blocks=waiting_blocks,
+                            num_prefill_tokens=prefilling))
     return inst
 
 
@@ -52,6 +54,23 @@ def test_a_big_decode_batch_loses_to_a_small_one_when_prefill_is_idle():
     instance(reg, "i0", running=16)  # step 10 + 32 ms + context: TPOT over 42 ms
     instance(reg, "i1", running=4)
     assert SloAware(PrefixIndex(), SLO).choose(request(PROMPT), reg).id == "i1"
+
+
+def test_a_prompt_being_computed_counts_as_backlog():
+    reg = Registry()
+    instance(reg, "busy", running=1, prefilling=900)  # nothing waits, but 900 prompt tokens are left: 0.9 s
+    instance(reg, "queued", waiting=1, waiting_blocks=20)  # 320 tokens queued: a third of a second
+    assert SloAware(PrefixIndex(), SLO).choose(request(PROMPT), reg).id == "queued"
+
+
+def test_with_the_same_target_binding_everywhere_the_other_decides():
+    """Long prompts on idle instances: the TTFT binds alike on all of them (no backlog), so
+    the decode batch picks: the smallest, wherever it is in the backlog order."""
+    reg = Registry()
+    for k, running in enumerate((9, 7, 3, 8)):
+        instance(reg, f"i{k}", running=running)
+    slo = SloConfig(ttft_s=0.5, tpot_s=0.2)  # 330 ms of prefill: TTFT slack ~0.3; TPOT slack above 0.7
+    assert SloAware(PrefixIndex(), slo).choose(request(PROMPT), reg).id == "i2"
 
 
 def test_the_tighter_target_decides_between_prefill_backlog_and_decode_batch():
@@ -93,7 +112,7 @@ def test_a_pair_takes_the_prefill_side_by_ttft_and_the_decode_side_by_tpot():
     prefill, decode = Registry(), Registry()
     instance(prefill, "p0", waiting=4, waiting_blocks=60)
     instance(prefill, "p1", waiting=1, waiting_blocks=10, running=30)  # its decode batch does not matter
-    instance(decode, "d0", waiting=5, waiting_blocks=80, running=12)  # its queued prompts do not matter
+    instance(decode, "d0", waiting=1, waiting_blocks=80, running=12)  # its queued prompt's prefill does not matter
     instance(decode, "d1", running=14)
     pre, dec = SloAware(PrefixIndex(), SLO).choose_pair(request(PROMPT), prefill, decode)
     assert (pre.id, dec.id) == ("p1", "d0")
@@ -117,21 +136,21 @@ def test_no_instance_no_choice():
 @settings(max_examples=60, deadline=None)
 @given(st.integers(min_value=0, max_value=2**32), st.integers(min_value=1, max_value=MAX_LOOKS))
 def test_the_walk_finds_what_looking_at_every_instance_finds(seed, n):
-    """Stopping early misses no instance with more than TOLERANCE more slack: the choice has
-    the largest (room, slack) of all, cache hits included, within that tolerance."""
+    """Stopping early misses no instance with a score more than TOLERANCE higher: the choice
+    has the largest (room, score) of all, cache hits included, within that tolerance."""
     rng = random.Random(seed)
     reg, index = Registry(), PrefixIndex()
     prompt = [rng.randrange(3, 60) for _ in range(rng.choice([20, 160, 400]))]
     hashes = block_hashes(prompt, BS)
     for k in range(n):
         instance(reg, f"i{k}", waiting=(w := rng.randint(0, 4)), waiting_blocks=w * rng.randint(0, 20),
-                 running=rng.randint(0, 40), free=rng.randint(0, 1000))
+                 running=rng.randint(0, 40), free=rng.randint(0, 1000), prefilling=rng.choice([0, 0, 300, 2000]))
         if rng.random() < 0.2:
             index.stored(f"i{k}", hashes[:rng.randint(1, len(hashes))])
     policy = SloAware(index, SloConfig(ttft_s=rng.choice([0.3, 1.0]), tpot_s=rng.choice([0.03, 0.08])))
     req = request(prompt, rng.choice([16, 256]))
     chosen = policy.choose(req, reg)
-    everyone = max(((p.fits, p.slack) for p in (policy.predict(req, i) for i in reg.instances.values())))
+    everyone = max(((p.fits, p.score) for p in (policy.predict(req, i) for i in reg.instances.values())))
     got = policy.predict(req, chosen)
     if everyone[0]:  # else none has room: it waits wherever it goes
-        assert got.fits and got.slack >= everyone[1] - TOLERANCE - 1e-12
+        assert got.fits and got.score >= everyone[1] - TOLERANCE - 1e-12

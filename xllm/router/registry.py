@@ -76,15 +76,32 @@ class InstanceState:
 
     @property
     def prefill_backlog_s(self) -> float:
-        """Predicted seconds of prefill queued in it: its waiting requests' prompts and the
-        prefill of those sent since its last report."""
-        waiting, blocks = (self.load.num_waiting, self.load.num_waiting_blocks) if self.load else (0, 0)
-        return self.service.backlog_s(waiting + self.pending, (blocks + self.pending_blocks) * self.block_size)
+        """Predicted seconds of prefill queued in it: its waiting requests' prompts, the
+        prefill of those sent since its last report, and what is left of the prompts it is
+        computing.
+
+        NOTE: leaving out the prefill in progress made an instance busy with a long prompt
+        (a step of seconds) look idle: ``slo_aware`` kept sending it work (``bench.sim``)."""
+        load = self.load
+        waiting, blocks, left = (load.num_waiting, load.num_waiting_blocks, load.num_prefill_tokens) if load else (0, 0, 0)
+        m = self.service
+        return m.backlog_s(waiting + self.pending, (blocks + self.pending_blocks) * self.block_size) + (
+            m.prefill_tokens_s(left))
 
     @property
     def decode_batch(self) -> int:
         """Requests it decodes (or will) by now: running as reported, plus those sent since."""
         return (self.load.num_running if self.load else 0) + self.pending
+
+    @property
+    def joining(self) -> int:
+        """Requests waiting in it (as last reported): its decode batch once they start."""
+        return self.load.num_waiting if self.load else 0
+
+    @property
+    def joining_tokens(self) -> int:
+        """Context the waiting and the just-sent requests bring (their prompts, in blocks)."""
+        return ((self.load.num_waiting_blocks if self.load else 0) + self.pending_blocks) * self.block_size
 
     @property
     def context_tokens(self) -> int:

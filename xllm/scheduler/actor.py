@@ -259,7 +259,8 @@ class SchedulerActor(Actor):
                 self.instance.id, self.incarnation, len(core.waiting), len(core.running) + len(core.receiving),
                 blocks.num_free_blocks, blocks.num_blocks, core.stats.ttft_s, core.stats.tpot_s, finished,
                 sum(-(-r.num_tokens // blocks.block_size) for r in core.waiting), core.stats.output_tokens,
-                core.take_moved()))
+                core.take_moved(),
+                sum(max(len(r.prompt_token_ids) - r.num_computed_tokens, 0) for r in core.running)))
 
     async def _to_routers(self, msg) -> None:
         # NOTE: every router keeps its own view, so each hears everything
