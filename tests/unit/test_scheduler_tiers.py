@@ -131,6 +131,51 @@ def test_the_host_tier_spills_to_disk_and_a_disk_prefix_waits_for_its_fetch():
     assert s.snapshot()["kv_disk_fetched_blocks"] == 2
 
 
+def test_a_fetched_prefix_stays_in_host_memory_until_its_request_loads_it():
+    """Blocks written down while a request waits for its fetch (others run meanwhile) must not
+    push the fetched blocks out of a small host tier: it would recompute what it fetched."""
+    s, w = make(host=4, disk=64), FakeWorker()
+    agent = Agent(s)
+    history = prompt(1, 16)
+    s.add_request(req("a", history))
+    run(s, w, agent)
+    evict_from_device(s, w, agent)
+    s.add_request(req("b", history + [7, 8]))
+    assert "b" not in s.schedule().scheduled_req_ids
+    fetched = {op.block_hash for o in agent.take() for op in o.ops if op.kind == "fetch"}
+    assert len(fetched) == 2 and sorted(s.tiers.host.pins) == sorted(fetched)
+    s.add_request(req("c", prompt(50, 13)))  # three new full blocks to write down: more than the room left
+    while "c" in s.requests:
+        plan = s.schedule()
+        agent.take()
+        s.update(w.execute(plan))
+        s.check_integrity()
+    assert all(h in s.tiers.host for h in fetched)
+    agent.answer()
+    plan = s.schedule()
+    assert plan.loads_kv and plan.num_computed == [8]  # both fetched blocks load
+    assert not s.tiers.host.pins  # loaded: they may go now
+    s.update(w.execute(plan))
+    run(s, w, agent)
+
+
+def test_a_waiting_request_that_is_aborted_lets_its_blocks_go():
+    s, w = make(host=4, disk=64), FakeWorker()
+    agent = Agent(s)
+    history = prompt(1, 16)
+    s.add_request(req("a", history))
+    run(s, w, agent)
+    evict_from_device(s, w, agent)
+    s.add_request(req("b", history + [7, 8]))
+    s.schedule()
+    agent.take()
+    assert s.tiers.host.pins
+    s.abort("b")
+    assert not s.tiers.host.pins
+    agent.answer()
+    s.check_integrity()
+
+
 def test_a_block_that_fails_its_fetch_is_recomputed_and_forgotten():
     s, w = make(host=4, disk=64), FakeWorker()
     agent = Agent(s)

@@ -24,6 +24,26 @@ def test_the_least_recently_used_block_goes_first_and_its_slot_is_reused():
     assert tier.check_integrity() == {"held": 2, "free": 0, "pending": 0}
 
 
+def test_a_pinned_block_is_passed_over_and_a_tier_all_pinned_takes_nothing():
+    tier = TierIndex("host", 2)
+    tier.put(10, 0, T)
+    tier.put(11, 10, T)
+    tier.pin(10)  # the least recently used, but pinned: 11 goes instead
+    _, evicted = tier.put(12, 11, T)
+    assert evicted[0] == 11 and 10 in tier
+    tier.pin(12)
+    assert tier.put(13, 12, T) == (None, None) and 13 not in tier
+    tier.unpin(12)
+    _, evicted = tier.put(13, 12, T)
+    assert evicted[0] == 12 and 10 in tier
+    tier.pin(10)
+    tier.unpin(10)  # pinned twice: still pinned once
+    assert tier.put(14, 13, T)[1][0] == 13
+    tier.unpin(10)
+    assert tier.put(15, 14, T)[1][0] == 10
+    assert tier.check_integrity()["held"] == 2
+
+
 def test_a_hit_must_hold_the_same_tokens_and_be_ready():
     tier = TierIndex("disk", 4)
     tier.put(10, 0, T)

@@ -247,6 +247,7 @@ class Disaggregation:
             self.running.remove(req)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
+            self.tiers.release(req)
         self._forget_on_worker(req)
         req.status = Status.FINISHED
         self.sending[req.req_id] = req

@@ -28,6 +28,7 @@ class Request:
         "num_placeholders", "block_ids", "block_hashes", "status", "on_worker",
         "num_blocks_sent", "num_cached_blocks", "num_cached_tokens", "finish_reason", "num_preemptions",
         "queue_time", "reply_to", "last_token_time", "remote_prefill", "remote_decode", "tier_job", "tier_fetched",
+        "tier_pins",
     )
 
     def __init__(self, msg: TokenizedRequest) -> None:
@@ -57,6 +58,7 @@ class Request:
         self.remote_decode = None  # disagg.RemoteDecode: its KV goes to another instance
         self.tier_job = 0  # KV tiers: the order fetching its prefix from disk (0: none); it waits for it
         self.tier_fetched = False  # its prefix was fetched from disk once (a failed block is recomputed)
+        self.tier_pins: list[int] = []  # host blocks of its prefix kept from eviction while it waits to load them
 
     # -- token counts ---------------------------------------------------------------------
     @property

@@ -227,6 +227,7 @@ class Scheduler(Disaggregation, Migration, TierVerbs):
                 self.blocks.free(req)
                 break
             self.tiers.load(lower, req.block_ids[len(hits):len(hits) + len(lower)])
+            self.tiers.release(req)  # the loads are ordered: the host blocks may go after them
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_computed
                 self.blocks.record_lookup(len(req.prompt_token_ids), num_computed)
@@ -386,6 +387,7 @@ class Scheduler(Disaggregation, Migration, TierVerbs):
             self.running.remove(req)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
+            self.tiers.release(req)
         elif req.status is Status.MOVING:  # ended by a token in flight before it left
             self.leaving.pop(req.req_id, None)
             self._leaving.pop(req.req_id, None)
@@ -430,6 +432,9 @@ class Scheduler(Disaggregation, Migration, TierVerbs):
         refs = Counter(b for r in self.requests.values() for b in r.block_ids) + self.tiers.held()
         assert all(self.blocks.ref_counts[b] == refs[b] for b in range(self.blocks.num_blocks)), \
             "a device block's references are not its requests' and the agent's"
+        pins = Counter(h for r in self.waiting for h in r.tier_pins)
+        assert pins == self.tiers.host.pins, "host tier pins are not exactly the waiting requests'"
+        assert not any(r.tier_pins for r in self.running), "a running request still pins host blocks"
         return {**counts, **self.tiers.check_integrity()}
 
 

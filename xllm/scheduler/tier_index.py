@@ -12,13 +12,16 @@ block's: a block the device pool stores down is ready at once (the agent copies 
 it runs any later order); a block fetched up from disk is not, until the agent has read
 and verified it (a corrupt file must never be loaded into the device pool).
 
+A block can be pinned (by a request waiting to load it): eviction passes it over, and a
+tier whose every block is pinned takes no new one until a pin goes.
+
 NOTE (invariant, ``check_integrity``): every slot is either free or holds exactly one
 entry; entries + free slots == capacity; the LRU order lists exactly the entries.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 
@@ -33,13 +36,14 @@ class TierEntry:
 
 
 class TierIndex:
-    """hash -> entry, LRU first. Verbs: lookup, touch, put, remove, mark_ready, clear."""
+    """hash -> entry, LRU first. Verbs: lookup, touch, put, remove, mark_ready, pin, unpin, clear."""
 
     def __init__(self, name: str, capacity: int) -> None:
         self.name = name
         self.capacity = capacity
         self.entries: OrderedDict[int, TierEntry] = OrderedDict()  # least recently used first
         self.free_slots: list[int] = list(range(capacity - 1, -1, -1))  # popped from the end: 0 first
+        self.pins: Counter[int] = Counter()  # hash -> pins on it (a hash may be pinned before it is here)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -64,18 +68,22 @@ class TierIndex:
             self.entries.move_to_end(block_hash)
 
     def put(self, block_hash: int, parent: int, tokens: tuple[int, ...],
-            ready: bool = True) -> tuple[TierEntry, tuple[int, TierEntry] | None]:
-        """Enter a block (or touch it, if already here). Returns its entry and the entry it
-        evicted to make room, as ``(hash, entry)``, or None."""
+            ready: bool = True) -> tuple[TierEntry | None, tuple[int, TierEntry] | None]:
+        """Enter a block (or touch it, if already here). Returns its entry (None when every
+        block here is pinned: no room) and the entry it evicted to make room, as ``(hash,
+        entry)``, or None."""
         entry = self.entries.get(block_hash)
         if entry is not None:
             self.entries.move_to_end(block_hash)
             return entry, None
         evicted = None
         if not self.free_slots:
-            old_hash, old = self.entries.popitem(last=False)
+            victim = next((h for h in self.entries if h not in self.pins), None)
+            if victim is None:
+                return None, None
+            old = self.entries.pop(victim)
             self.free_slots.append(old.slot)
-            evicted = (old_hash, old)
+            evicted = (victim, old)
         entry = TierEntry(self.free_slots.pop(), parent, tuple(tokens), ready)
         self.entries[block_hash] = entry
         return entry, evicted
@@ -94,6 +102,17 @@ class TierIndex:
             return False
         entry.ready = True
         return True
+
+    def pin(self, block_hash: int) -> None:
+        """Keep ``block_hash`` from eviction until as many ``unpin`` calls."""
+        self.pins[block_hash] += 1
+
+    def unpin(self, block_hash: int) -> None:
+        n = self.pins.get(block_hash, 0)
+        if n <= 1:
+            self.pins.pop(block_hash, None)
+        else:
+            self.pins[block_hash] = n - 1
 
     def clear(self) -> list[int]:
         """Forget everything; returns the hashes that were here."""

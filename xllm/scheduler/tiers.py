@@ -93,6 +93,7 @@ class KVTiers:
         chain: list[tuple[int, TierEntry]] = []
         on_disk: list[tuple[int, TierEntry]] = []
         waits: list[int] = []  # orders already fetching some of its blocks
+        on_the_way: list[int] = []  # those blocks
         for i in range(start, min(limit, len(hashes))):
             h, block_tokens = hashes[i], tuple(tokens[i * bs:(i + 1) * bs])
             entry = self.host.lookup(h, block_tokens)
@@ -104,6 +105,7 @@ class KVTiers:
             pending = self.host.get(h)
             if pending is not None and h in self.fetching and pending.tokens == block_tokens:
                 waits.append(self.fetching[h])  # on its way up for another request
+                on_the_way.append(h)
             elif (found := self.disk.lookup(h, block_tokens)) is not None:
                 on_disk.append((h, found))
             else:
@@ -112,13 +114,31 @@ class KVTiers:
             self.host.touch(h)
         if not (on_disk or waits):
             return chain
+        # NOTE: what it waits for, and the host hits before it, stay in host memory until it
+        # loads them: unpinned, blocks written down meanwhile pushed them out (a full
+        # instance admits a request steps after its fetch) and the fetch was wasted (W8)
+        self._pin(req, [h for h, _ in chain] + on_the_way)
         if on_disk:
-            self._fetch(on_disk[: max(1, self.host.capacity // 2)])
-            waits.append(self.next_job)
+            fetched = self._fetch(req, on_disk[: max(1, self.host.capacity // 2)])
+            if fetched:
+                waits.append(self.next_job)
+        if not waits:
+            return chain  # no room in host memory to fetch into: what is there now
         # NOTE: orders are answered in order, so the last of them done means all are
         req.tier_job = max(waits)
         req.tier_fetched = True  # once: a block that fails its checks is recomputed, not fetched again
         return None
+
+    def release(self, req: Request) -> None:
+        """``req`` loaded its host blocks (or left): they may be evicted again."""
+        for h in req.tier_pins:
+            self.host.unpin(h)
+        req.tier_pins = []
+
+    def _pin(self, req: Request, hashes: list[int]) -> None:
+        for h in hashes:
+            self.host.pin(h)
+        req.tier_pins += hashes
 
     def load(self, chain: list[tuple[int, TierEntry]], device_blocks: list[int]) -> None:
         """Load ``chain`` (from ``match``) into ``device_blocks`` during the step being planned."""
@@ -128,13 +148,21 @@ class KVTiers:
             self.job.loaded.append(h)
         self.stats.kv_host_loaded_blocks += len(chain)
 
-    def _fetch(self, blocks: list[tuple[int, TierEntry]]) -> None:
+    def _fetch(self, req: Request, blocks: list[tuple[int, TierEntry]]) -> int:
+        """Fetch ``blocks`` (a run of ``req``'s prefix) into host memory, pinned for ``req``,
+        as far as there is room; returns how many."""
+        n = 0
         for h, found in blocks:
             entry = self._host_put(h, found.parent, found.tokens, ready=False)
+            if entry is None:
+                break  # every host block is pinned by waiting requests
+            self._pin(req, [h])
             self.ops.append(KVTierOp("fetch", h, entry.slot))
             self.job.fetched.append((h, entry, found))
             self.fetching[h] = self.next_job
             self.disk.touch(h)
+            n += 1
+        return n
 
     # -- down ----------------------------------------------------------------------------------
     def store_new(self) -> None:
@@ -145,13 +173,15 @@ class KVTiers:
                 self.host.touch(h)
                 continue
             entry = self._host_put(h, parent, tokens, ready=True)
+            if entry is None:
+                continue  # host memory is all pinned by waiting requests: this block is not kept
             entry.ready = True  # a pending fetch into it is overwritten by this store, after it
             self._hold(block)
             self.ops.append(KVTierOp("store", h, entry.slot, block, parent, list(tokens)))
             self.blocks.events.stored.append((h, parent, list(tokens), HOST))
             self.stats.kv_stored_blocks += 1
 
-    def _host_put(self, h: int, parent: int, tokens, ready: bool) -> TierEntry:
+    def _host_put(self, h: int, parent: int, tokens, ready: bool) -> TierEntry | None:
         entry, evicted = self.host.put(h, parent, tokens, ready)
         if evicted is not None:
             old_hash, old = evicted
