@@ -124,10 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--conversations", type=int, default=32)
     p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--first-len", type=int, default=256, help="tokens of a conversation's first message")
+    p.add_argument("--first-len", type=int, default=1024,
+                   help="tokens of a conversation's first message (a long history: a document, a system prompt)")
     p.add_argument("--user-len", type=int, default=96, help="tokens of each later message")
     p.add_argument("--output-len", type=int, default=32, help="tokens of each answer")
-    p.add_argument("--think-time", type=float, default=2.0, help="mean seconds between a conversation's turns")
+    p.add_argument("--think-time", type=float, default=10.0, help="mean seconds between a conversation's turns")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--pool-share", type=float, default=0.25, help="the device pool over the working set")
     p.add_argument("--modes", default=",".join(MODES))
