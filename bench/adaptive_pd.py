@@ -96,10 +96,11 @@ def _failed(req: BenchRequest, exc: BaseException) -> RequestRecord:
 
 
 def simulate(roles: tuple[str, ...], profiles: list[InstanceProfile], reqs: list[SimRequest], slo: SloConfig,
-             adaptive: AdaptivePDConfig | None) -> list[tuple[float, float | None, bool]]:
-    """The simulator on the same trace: per request (TTFT, TPOT, finished)."""
+             adaptive: AdaptivePDConfig | None, cores: float) -> list[tuple[float, float | None, bool]]:
+    """The simulator on the same trace, its workers sharing ``cores``: per request (TTFT,
+    TPOT, finished)."""
     cfg = SimConfig(roles, policy="slo_aware", slo=slo, adaptive=adaptive or AdaptivePDConfig(),
-                    num_blocks=2048, max_num_seqs=32, budget=2048, cores=os.cpu_count() or 1)
+                    num_blocks=2048, max_num_seqs=32, budget=2048, cores=cores)
     res = Simulation(cfg, profiles).run(reqs)
     by_seq = {j.seq: j for j in res.jobs}
     out = []
@@ -110,6 +111,18 @@ def simulate(roles: tuple[str, ...], profiles: list[InstanceProfile], reqs: list
         else:
             out.append((j.first_at - r.arrival, (j.finish_at - j.first_at) / (r.output - 1) if r.output > 1 else None,
                         True))
+    return out
+
+
+def _cpu(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) of each of the deployment's processes and of this one."""
+    out = {"client": sum(os.times()[:2])}
+    for name, pid in pids.items():
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return out
 
 
@@ -140,14 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     vocab = vocab_size(model_dir)
     reqs = trace(args)
     phase_of = [r.phase for r in reqs]
-    runs, loads, measured = {}, {}, []
+    runs, loads, measured, cores = {}, {}, [], {}
     for label, (roles, flags) in configs(args).items():
         if args.only and args.only not in label:
             continue
         flags = [*LIMITS, *flags, "--slo-ttft-ms", str(slos["ttft"] * 1000), "--slo-tpot-ms",
                  str(slos["tpot"] * 1000), *args.launch_args.split()]
         with deployment(model_dir, flags, label) as dep:
+            cpu0, wall0 = _cpu(dep.pids), time.perf_counter()
             runs[label] = uvloop.run(replay(dep.address, reqs, vocab, args.seed, 300.0))
+            cpu1, wall = _cpu(dep.pids), time.perf_counter() - wall0
+        # NOTE: the workers share the cores with every other process of the deployment (and
+        # this client): the simulator gets the cores those left, as measured over the run
+        others = sum(cpu1[k] - cpu0.get(k, cpu1[k]) for k in cpu1 if "worker" not in k) / wall
+        cores[label] = (max(1.0, (os.cpu_count() or 1) - others), others)
         loads[label] = os.getloadavg()[0]
         records, changes, stats = runs[label]
         print(f"{label}: {sum(r.ok for r in records)}/{len(records)} finished; role changes {changes}", flush=True)
@@ -169,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             for q in profiles))
         adaptive = AdaptivePDConfig(True, window_s=args.window, hold_s=args.hold, cooldown_s=args.cooldown) \
             if "adaptive" in label else None
-        sim = simulate(roles, profiles, reqs, slo, adaptive)
+        sim = simulate(roles, profiles, reqs, slo, adaptive, cores[label][0])
         real_ttft = _mean(r.ttft for r in records if r.ok)
         real_tpot = _mean(r.tpot for r in records if r.ok)
         sim_ttft, sim_tpot = _mean(s[0] for s in sim if s[2]), _mean(s[1] for s in sim if s[2])
@@ -193,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
              f"--adaptive-pd-cooldown {args.cooldown:g}",
              "this machine is shared and noisy: compare configurations within this run, not with other runs; "
              "load average (1 min) at the end of each run: " + ", ".join(f"{k} {v:.1f}" for k, v in loads.items()),
+             "the simulator's workers share the cores the deployment's other processes and this client left "
+             "(CPU time over the run's wall time): " + ", ".join(
+                 f"{k} {c:.2f} (others {o:.2f})" for k, (c, o) in cores.items()),
              "profiles the instances published (prefill p0, p1, p2; decode d0, d1, d2): " + " | ".join(measured)]
     report("Adaptive PD against static splits (3 instances)", body, args, notes)
     return 0

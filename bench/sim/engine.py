@@ -56,7 +56,7 @@ class SimConfig:
     transfer_hidden: float = 0.85  # the share of a transfer that runs beside the prefill (bench.kv_transfer)
     hop_s: float = 0.002  # the PD hand-off's messages (decode scheduler -> agents -> prefill scheduler, back)
     report_s: float = 0.5  # load reports
-    cores: int = 0  # CPU cores the instances share (0: each has its own device, none waits for another)
+    cores: float = 0  # CPU cores the instances share (0: each has its own device, none waits for another)
 
 
 @dataclass
