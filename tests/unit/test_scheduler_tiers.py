@@ -72,6 +72,19 @@ def evict_from_device(s, w, agent, seed=100):
         run(s, w, agent)
 
 
+def returning_from_disk():
+    """A scheduler whose host tier (4 blocks) let a's 4-block history go to disk, and ``b``,
+    that history plus two tokens, just added: (scheduler, worker, agent)."""
+    s, w = make(host=4, disk=64), FakeWorker()
+    agent = Agent(s)
+    history = prompt(1, 16)
+    s.add_request(req("a", history))
+    run(s, w, agent)
+    evict_from_device(s, w, agent)
+    s.add_request(req("b", history + [7, 8]))
+    return s, w, agent
+
+
 def test_a_cached_block_is_stored_down_and_held_until_the_agent_is_done():
     s, w = make(), FakeWorker()
     agent = Agent(s)
@@ -134,13 +147,7 @@ def test_the_host_tier_spills_to_disk_and_a_disk_prefix_waits_for_its_fetch():
 def test_a_fetched_prefix_stays_in_host_memory_until_its_request_loads_it():
     """Blocks written down while a request waits for its fetch (others run meanwhile) must not
     push the fetched blocks out of a small host tier: it would recompute what it fetched."""
-    s, w = make(host=4, disk=64), FakeWorker()
-    agent = Agent(s)
-    history = prompt(1, 16)
-    s.add_request(req("a", history))
-    run(s, w, agent)
-    evict_from_device(s, w, agent)
-    s.add_request(req("b", history + [7, 8]))
+    s, w, agent = returning_from_disk()
     assert "b" not in s.schedule().scheduled_req_ids
     fetched = {op.block_hash for o in agent.take() for op in o.ops if op.kind == "fetch"}
     assert len(fetched) == 2 and sorted(s.tiers.host.pins) == sorted(fetched)
@@ -160,13 +167,7 @@ def test_a_fetched_prefix_stays_in_host_memory_until_its_request_loads_it():
 
 
 def test_a_waiting_request_that_is_aborted_lets_its_blocks_go():
-    s, w = make(host=4, disk=64), FakeWorker()
-    agent = Agent(s)
-    history = prompt(1, 16)
-    s.add_request(req("a", history))
-    run(s, w, agent)
-    evict_from_device(s, w, agent)
-    s.add_request(req("b", history + [7, 8]))
+    s, w, agent = returning_from_disk()
     s.schedule()
     agent.take()
     assert s.tiers.host.pins
@@ -176,14 +177,18 @@ def test_a_waiting_request_that_is_aborted_lets_its_blocks_go():
     s.check_integrity()
 
 
+def test_a_request_matched_again_pins_each_block_once():
+    s, w, agent = returning_from_disk()
+    b = s.requests["b"]
+    s.tiers._pin(b, [11, 12])
+    s.tiers._pin(b, [12, 13])  # matched again on a later pass: 12 is already its pin
+    assert b.tier_pins == [11, 12, 13] and s.tiers.host.pins == {11: 1, 12: 1, 13: 1}
+    s.abort("b")
+    assert not s.tiers.host.pins
+
+
 def test_a_block_that_fails_its_fetch_is_recomputed_and_forgotten():
-    s, w = make(host=4, disk=64), FakeWorker()
-    agent = Agent(s)
-    history = prompt(1, 16)
-    s.add_request(req("a", history))
-    run(s, w, agent)
-    evict_from_device(s, w, agent)
-    s.add_request(req("b", history + [7, 8]))
+    s, w, agent = returning_from_disk()
     s.schedule()
     (order,) = agent.take()
     first, second = [op.block_hash for op in order.ops if op.kind == "fetch"]
@@ -251,13 +256,7 @@ class Prefix:
 def test_a_failed_fetch_forgets_only_the_disk_block_it_read():
     """A fetch whose file failed its checks is answered late; meanwhile the cache was reset
     and the same block went down to disk again, in a new file: that one stays known."""
-    s, w = make(host=4, disk=64), FakeWorker()
-    agent = Agent(s)
-    history = prompt(1, 16)
-    s.add_request(req("a", history))
-    run(s, w, agent)
-    evict_from_device(s, w, agent)
-    s.add_request(req("b", history + [7, 8]))
+    s, w, agent = returning_from_disk()
     s.schedule()
     (fetch,) = agent.take()
     first = next(op.block_hash for op in fetch.ops if op.kind == "fetch")
@@ -265,7 +264,7 @@ def test_a_failed_fetch_forgets_only_the_disk_block_it_read():
     s.abort("b")
     run(s, w, agent)
     assert s.reset_prefix_cache()
-    s.add_request(req("c", history))  # computes the prefix again
+    s.add_request(req("c", prompt(1, 16)))  # computes the prefix again (a's history)
     run(s, w, agent)
     evict_from_device(s, w, agent, seed=200)  # and it goes down to disk again
     assert first in s.tiers.disk

@@ -136,9 +136,13 @@ class KVTiers:
         req.tier_pins = []
 
     def _pin(self, req: Request, hashes: list[int]) -> None:
+        """Pin ``hashes`` for ``req``, once each (it is matched again on every pass it waits)."""
+        held = set(req.tier_pins)
         for h in hashes:
-            self.host.pin(h)
-        req.tier_pins += hashes
+            if h not in held:
+                held.add(h)
+                self.host.pin(h)
+                req.tier_pins.append(h)
 
     def load(self, chain: list[tuple[int, TierEntry]], device_blocks: list[int]) -> None:
         """Load ``chain`` (from ``match``) into ``device_blocks`` during the step being planned."""
