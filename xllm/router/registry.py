@@ -86,7 +86,7 @@ class InstanceState:
         waiting, blocks, left = (load.num_waiting, load.num_waiting_blocks, load.num_prefill_tokens) if load else (0, 0, 0)
         m = self.service
         return m.backlog_s(waiting + self.pending, (blocks + self.pending_blocks) * self.block_size) + (
-            m.prefill_tokens_s(left))
+            m.prefill_tokens_s(max(left, 0)))  # a report's count, not trusted to be sane
 
     @property
     def decode_batch(self) -> int:
